@@ -1,0 +1,370 @@
+"""Chunk store: every document tokenized and cut into fixed-size chunks, built once per content hash.
+
+    <root>/<key>/chunks.parquet   one row per chunk (columns: see SCHEMA and docs/architecture.md)
+    <root>/<key>/tokenizer.json   the LM tokenizer, trained on the train split only
+    <root>/<key>/meta.json        key, settings, counts, skip report, fingerprint (written last)
+
+`key` = sha256 of the corpus fingerprint and the corpus/chunk settings, so the same inputs always
+map to the same folder and a complete folder is reused without reading the corpus. A store is
+written to a temporary folder and renamed into place, so `<key>/` is either absent or complete.
+
+Build, in data-flow order (the corpus is streamed three times, so memory holds one batch of docs):
+  1. plan      read all documents once: skip report, train/val split by document id;
+  2. train     the byte-level BPE on the train documents' text only;
+  3. chunk     tokenize in batches, cut each document into consecutive `chunk_tokens` chunks that
+               never cross a document (only its last chunk may be shorter), write Parquet batches.
+Documents with fewer than `chunk_tokens` tokens are skipped and counted as "shorter_than_chunk".
+
+Split rule: a document is "val" when `is_validation(doc_id, val_fraction, seed)`. If that leaves no
+val document although val_fraction > 0 and there are ≥ 2 documents, the document with the smallest
+`split_score` (the one nearest to the val side) is moved to val, so a small corpus still has a
+held-out document. A train split without any chunk is an error.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import os
+import shutil
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from ratray.config import ChunkConfig, CorpusConfig
+from ratray.data.corpus import (Document, SkipReport, corpus_fingerprint, is_validation,
+                                iter_documents, split_score)
+from ratray.data.tokenizer import LMTokenizer
+
+STORE_VERSION = 1
+DOC_BATCH = 128  # documents tokenized (and written as one row group) at a time
+SPLITS = ("train", "val")
+
+SCHEMA = pa.schema([
+    ("chunk_id", pa.int64()),
+    ("doc_id", pa.string()),
+    ("split", pa.string()),
+    ("pos", pa.int32()),
+    ("tokens", pa.list_(pa.int32())),
+    ("n_tokens", pa.int32()),
+    ("n_bytes", pa.int32()),
+    ("text", pa.string()),
+    ("next_chunk_id", pa.int64()),
+])
+
+
+class ChunkStoreError(ValueError):
+    """A chunk store cannot be built or opened."""
+
+
+# ---------------------------------------------------------------------------------------------
+# identity
+
+
+def chunk_store_key(corpus: CorpusConfig, chunks: ChunkConfig, fingerprint: str | None = None) -> str:
+    """sha256 over the corpus fingerprint and every setting that changes the store's content.
+
+    The corpus path itself is not part of the key: the fingerprint already covers the files, so the
+    same content in another folder reuses the same store.
+    """
+    settings = _settings(corpus, chunks)
+    payload = {"version": STORE_VERSION, "fingerprint": fingerprint or corpus_fingerprint(corpus),
+               "corpus": {k: v for k, v in settings["corpus"].items() if k != "path"},
+               "chunks": settings["chunks"]}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _settings(corpus: CorpusConfig, chunks: ChunkConfig) -> dict:
+    return {"corpus": dataclasses.asdict(corpus), "chunks": dataclasses.asdict(chunks)}
+
+
+# ---------------------------------------------------------------------------------------------
+# building
+
+
+def build_chunk_store(corpus: CorpusConfig, chunks: ChunkConfig, root: str | Path,
+                      progress: bool = True) -> ChunkStore:
+    """Open `root/<key>/` if it is complete (building nothing, `store.reused` is True), else build it."""
+    root = Path(root)
+    if corpus.path is not None and Path(corpus.path).is_dir() and \
+            root.resolve().is_relative_to(Path(corpus.path).resolve()):
+        raise ChunkStoreError(f"chunk store root {root} lies inside the corpus folder {corpus.path}: "
+                              f"the store would become part of its own corpus; put it elsewhere")
+    fingerprint = corpus_fingerprint(corpus)
+    key = chunk_store_key(corpus, chunks, fingerprint)
+    final = root / key
+    if (final / "meta.json").is_file():
+        return ChunkStore.open(final, reused=True)
+    if final.exists():  # a leftover without meta.json is never a valid store
+        shutil.rmtree(final)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key[:16]}.tmp-", dir=root))
+    try:
+        _build(corpus, chunks, tmp, key, fingerprint, progress)
+        if corpus_fingerprint(corpus) != fingerprint:  # the store must match the key's content
+            raise ChunkStoreError("the corpus changed while its chunk store was being built; build again")
+        try:
+            os.rename(tmp, final)  # atomic on one filesystem
+        except OSError:
+            if not (final / "meta.json").is_file():  # not a concurrent builder that won the race
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return ChunkStore.open(final, reused=False)
+
+
+def _plan_split(corpus: CorpusConfig, skips: SkipReport) -> tuple[dict[str, int], str | None]:
+    """Pass 1: read every document; count train/val docs; choose the forced val doc if needed."""
+    n = {"train": 0, "val": 0}
+    nearest: tuple[float, str] | None = None  # (split_score, doc_id) nearest to the val side
+    for doc in iter_documents(corpus, skips):
+        val = is_validation(doc.doc_id, corpus.val_fraction, corpus.seed)
+        n["val" if val else "train"] += 1
+        score = split_score(doc.doc_id, corpus.seed)
+        if nearest is None or score < nearest[0]:
+            nearest = (score, doc.doc_id)
+    forced = None
+    if corpus.val_fraction > 0 and n["val"] == 0 and n["train"] >= 2 and nearest is not None:
+        forced = nearest[1]
+        n = {"train": n["train"] - 1, "val": 1}
+    if n["train"] == 0:
+        raise ChunkStoreError(f"the train split is empty: all {n['val']} documents fell into val "
+                              f"(corpus.val_fraction={corpus.val_fraction}); "
+                              f"lower val_fraction or add documents")
+    return n, forced
+
+
+def _chunk_batch(docs: list[Document], ids: list[list[int]], split: list[str], m: int,
+                 tok: LMTokenizer, first_id: int, skips: SkipReport) -> pa.Table | None:
+    """Cut a batch of tokenized documents into chunks of `m` tokens (vectorised); None if no chunk."""
+    lens = np.array([len(x) for x in ids], dtype=np.int64)
+    keep = np.flatnonzero(lens >= m)
+    for i in np.flatnonzero(lens < m):
+        skips.add("shorter_than_chunk", f"{docs[i].source} ({lens[i]} tokens < chunk_tokens {m})")
+    if len(keep) == 0:
+        return None
+    lens = lens[keep]
+    flat = np.fromiter(itertools.chain.from_iterable(ids[i] for i in keep), dtype=np.int32,
+                       count=int(lens.sum()))
+    doc_end = np.cumsum(lens)
+    doc_start = doc_end - lens
+    n_chunks = -(-lens // m)  # ceil
+    chunk_doc = np.repeat(np.arange(len(keep)), n_chunks)  # chunk → index into keep
+    first_chunk = np.cumsum(n_chunks) - n_chunks
+    pos = np.arange(len(chunk_doc)) - first_chunk[chunk_doc]
+    starts = doc_start[chunk_doc] + pos * m
+    ends = np.minimum(starts + m, doc_end[chunk_doc])
+    chunk_id = first_id + np.arange(len(chunk_doc), dtype=np.int64)
+    next_id = np.where(pos + 1 < n_chunks[chunk_doc], chunk_id + 1, -1)
+    offsets = np.append(starts, len(flat)).astype(np.int32)  # chunks tile `flat` in order
+    n_bytes = np.add.reduceat(tok.byte_lengths[flat], starts)
+    texts = tok.decode_batch([c.tolist() for c in np.split(flat, starts[1:])])
+    doc_of = keep[chunk_doc]
+    return pa.table({
+        "chunk_id": pa.array(chunk_id, pa.int64()),
+        "doc_id": pa.array([docs[i].doc_id for i in doc_of], pa.string()),
+        "split": pa.array([split[i] for i in doc_of], pa.string()),
+        "pos": pa.array(pos.astype(np.int32)),
+        "tokens": pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat)),
+        "n_tokens": pa.array((ends - starts).astype(np.int32)),
+        "n_bytes": pa.array(n_bytes.astype(np.int32)),
+        "text": pa.array(texts, pa.string()),
+        "next_chunk_id": pa.array(next_id, pa.int64()),
+    }, schema=SCHEMA)
+
+
+def _batches(it: Iterator[Document], n: int) -> Iterator[list[Document]]:
+    while batch := list(itertools.islice(it, n)):
+        yield batch
+
+
+def _build(corpus: CorpusConfig, chunks: ChunkConfig, out: Path, key: str, fingerprint: str,
+           progress: bool) -> None:
+    t0 = time.time()
+    skips = SkipReport()
+    docs_read, forced_val = _plan_split(corpus, skips)
+
+    def split_of(doc: Document) -> str:
+        val = doc.doc_id == forced_val or is_validation(doc.doc_id, corpus.val_fraction, corpus.seed)
+        return "val" if val else "train"
+
+    # 2. tokenizer on the train split only (re-read: the skip report of pass 1 is the one kept)
+    train_texts = (d.text for d in iter_documents(corpus, SkipReport()) if split_of(d) == "train")
+    tok = LMTokenizer.train(train_texts, chunks.vocab_size, chunks.min_frequency)
+    tok.save(out / "tokenizer.json")
+    t_tok = time.time() - t0
+
+    # 3. tokenize, chunk, write
+    m = chunks.chunk_tokens
+    counts = {k: {"train": 0, "val": 0} for k in ("documents", "chunks", "tokens", "bytes")}
+    n_written = 0
+    bar = tqdm(total=sum(docs_read.values()), unit="doc", desc="tokenize+chunk", disable=not progress)
+    with pq.ParquetWriter(out / "chunks.parquet", SCHEMA) as writer:
+        for docs in _batches(iter_documents(corpus, SkipReport()), DOC_BATCH):
+            split = [split_of(d) for d in docs]
+            table = _chunk_batch(docs, tok.encode_batch([d.text for d in docs]), split, m, tok,
+                                 n_written, skips)
+            bar.update(len(docs))
+            if table is None:
+                continue
+            writer.write_table(table)
+            n_written += table.num_rows
+            is_val = pc.equal(table["split"], "val").to_numpy(zero_copy_only=False)
+            first = table["pos"].to_numpy() == 0
+            n_tok, n_byt = table["n_tokens"].to_numpy(), table["n_bytes"].to_numpy()
+            for s, mask in (("train", ~is_val), ("val", is_val)):
+                counts["documents"][s] += int((mask & first).sum())
+                counts["chunks"][s] += int(mask.sum())
+                counts["tokens"][s] += int(n_tok[mask].sum())
+                counts["bytes"][s] += int(n_byt[mask].sum())
+    bar.close()
+    if counts["chunks"]["train"] == 0:
+        raise ChunkStoreError(
+            f"the train split has no chunks: every train document is shorter than chunk_tokens={m} "
+            f"tokens (skipped: {skips.counts}); lower chunks.chunk_tokens or add longer documents")
+    for c in counts.values():
+        c["total"] = c["train"] + c["val"]
+
+    meta = {
+        "version": STORE_VERSION, "key": key, "fingerprint": fingerprint,
+        "settings": _settings(corpus, chunks), "counts": counts,
+        "documents_read": {**docs_read, "total": sum(docs_read.values())},
+        "forced_val_doc": forced_val, "skips": skips.as_dict(),
+        "tokenizer": {"vocab_size": tok.vocab_size, "eot_id": tok.eot_id, "pad_id": tok.pad_id,
+                      "train_seconds": round(t_tok, 3)},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "build_seconds": round(time.time() - t0, 3),
+    }
+    (out / "meta.json").write_text(json.dumps(meta, indent=2))  # last: marks the store complete
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+
+
+class ChunkStore:
+    """A built chunk store. Columns load lazily; lookups take arrays of chunk ids (vectorised)."""
+
+    REQUIRED = ("meta.json", "chunks.parquet", "tokenizer.json")
+
+    def __init__(self, path: Path, meta: dict, tokenizer: LMTokenizer, reused: bool):
+        self.path, self.meta, self.tokenizer, self.reused = path, meta, tokenizer, reused
+        self._table: pa.Table | None = None
+        self._columns: dict[str, np.ndarray] = {}
+        self._tok_values: np.ndarray | None = None
+        self._tok_offsets: np.ndarray | None = None
+        self._doc_index: dict[str, tuple[int, int]] | None = None
+
+    @classmethod
+    def open(cls, path: str | Path, reused: bool = True) -> ChunkStore:
+        path = Path(path)
+        if not path.is_dir():
+            raise ChunkStoreError(f"chunk store {path} does not exist")
+        missing = [f for f in cls.REQUIRED if not (path / f).is_file()]
+        if missing:
+            raise ChunkStoreError(f"chunk store {path} is incomplete (missing {', '.join(missing)}); "
+                                  f"delete it and build again")
+        meta = json.loads((path / "meta.json").read_text())
+        if meta.get("version") != STORE_VERSION:
+            raise ChunkStoreError(f"chunk store {path} has version {meta.get('version')}, "
+                                  f"expected {STORE_VERSION}; build it again")
+        return cls(path, meta, LMTokenizer.load(path / "tokenizer.json"), reused)
+
+    @property
+    def key(self) -> str:
+        return self.meta["key"]
+
+    @property
+    def chunk_tokens(self) -> int:
+        return int(self.meta["settings"]["chunks"]["chunk_tokens"])
+
+    def __len__(self) -> int:
+        return int(self.meta["counts"]["chunks"]["total"])
+
+    def __repr__(self) -> str:
+        c = self.meta["counts"]["chunks"]
+        return f"ChunkStore({self.path}, chunks train={c['train']} val={c['val']}, reused={self.reused})"
+
+    # -- columns ----------------------------------------------------------------------------
+
+    @property
+    def table(self) -> pa.Table:
+        if self._table is None:
+            self._table = pq.read_table(self.path / "chunks.parquet", memory_map=True)
+        return self._table
+
+    def column(self, name: str) -> np.ndarray:
+        """A whole column as numpy (cached): int columns as ints, string columns as object arrays."""
+        if name == "tokens":
+            raise ValueError("use tokens(ids) for the token lists")
+        if name not in self._columns:
+            self._columns[name] = self.table.column(name).to_numpy(zero_copy_only=False)
+        return self._columns[name]
+
+    def _tokens_flat(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._tok_values is None:
+            flat = pc.list_flatten(self.table.column("tokens"))
+            self._tok_values = flat.to_numpy().astype(np.int32, copy=False)
+            self._tok_offsets = np.concatenate([[0], np.cumsum(self.column("n_tokens"), dtype=np.int64)])
+        return self._tok_values, self._tok_offsets
+
+    # -- lookups by chunk id ----------------------------------------------------------------
+
+    def split_ids(self, split: str) -> np.ndarray:
+        """Chunk ids (int64, ascending) of "train" or "val"."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        name = f"_ids_{split}"
+        if name not in self._columns:
+            mask = pc.equal(self.table.column("split"), split).to_numpy(zero_copy_only=False)
+            self._columns[name] = np.flatnonzero(mask).astype(np.int64)
+        return self._columns[name]
+
+    def tokens(self, ids, pad_to: int | None = None) -> np.ndarray:
+        """int32 array (len(ids), pad_to or chunk_tokens) of the chunks' tokens, right-padded with pad_id."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        width = pad_to or self.chunk_tokens
+        values, offsets = self._tokens_flat()
+        lens = self.column("n_tokens")[ids]
+        if len(ids) and lens.max() > width:
+            raise ValueError(f"pad_to={width} is shorter than a chunk ({lens.max()} tokens)")
+        out = np.full((len(ids), width), self.tokenizer.pad_id, dtype=np.int32)
+        cols = np.arange(width)
+        mask = cols[None, :] < lens[:, None]
+        out[mask] = values[(offsets[ids][:, None] + cols[None, :])[mask]]
+        return out
+
+    def n_tokens(self, ids) -> np.ndarray:
+        return self.column("n_tokens")[np.asarray(ids, dtype=np.int64)]
+
+    def continuation(self, ids) -> np.ndarray:
+        """next_chunk_id of each chunk: the following chunk of the same document, -1 if none."""
+        return self.column("next_chunk_id")[np.asarray(ids, dtype=np.int64)]
+
+    def texts(self, ids) -> list[str]:
+        return self.table.column("text").take(pa.array(np.asarray(ids, dtype=np.int64))).to_pylist()
+
+    def doc_ids(self, ids) -> np.ndarray:
+        return self.column("doc_id")[np.asarray(ids, dtype=np.int64)]
+
+    def document_chunks(self, doc_id: str) -> np.ndarray:
+        """The chunk ids of one document, in order (they are contiguous)."""
+        if self._doc_index is None:
+            starts = np.flatnonzero(self.column("pos") == 0)
+            stops = np.append(starts[1:], len(self))
+            self._doc_index = dict(zip(self.column("doc_id")[starts].tolist(),
+                                       zip(starts.tolist(), stops.tolist())))
+        if doc_id not in self._doc_index:
+            raise KeyError(f"document {doc_id!r} has no chunks in {self.path}")
+        start, stop = self._doc_index[doc_id]
+        return np.arange(start, stop, dtype=np.int64)
