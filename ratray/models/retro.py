@@ -1,0 +1,372 @@
+"""RETRO (Borgeaud et al., arXiv 2112.04426) and its no-retrieval baseline, in one file.
+
+Data flow, in the order of this file:
+
+    idx (b n) ─ token embedding (tied lm_head) ─ decoder blocks 1..n_layer ─ ln_f ─ lm_head
+                                                        │ at the first CCA layer:
+    neighbours (b l k r) ─ shared token embedding ─ encoder(cross-attends H_u) ─ E (b l k r D)
+                                                        │ at every CCA layer:
+                                                        x += CCA(x, E)   (chunked, causal)
+
+Notation: b batch, n tokens, m chunk_size, l = n/m chunks, k neighbours per chunk, r tokens per
+neighbour (the neighbour chunk N and its continuation F), d decoder width, D encoder width.
+
+Design (documented once, here):
+- Positions are rotary (RoPE) in every attention, no position embeddings. One frame serves the
+  retrieval path: a neighbour [N, F] is aligned with the chunk that retrieved it, so neighbour
+  token t sits at position t and chunk token i at position i. Hence encoder cross-attention uses
+  queries t, keys i in [0, m); CCA query j of a group (the token at chunk offset m-1+j) uses
+  position m-1+j against keys t: copying F[j] is one fixed relative offset (+1), like the paper's
+  relative encodings in CCA (measured on the copy task in the tests: learned absolute positions
+  needed ~250 steps to start copying, this ~40). Any n that is a multiple of m (seq_len is the
+  training length), any r (neighbour_len is the training r) and any k' >= 1 are accepted.
+- The encoder runs once, at the input of the first CCA layer, on the decoder activations H there
+  (as in the paper); every CCA layer attends to the same E.
+- CCA: H is shifted left by m-1, so chunk u's group is positions [u*m+m-1, (u+1)*m+m-2]; the group
+  attends to the k*r merged tokens of E_u. The first m-1 positions get a zero update. Keys that are
+  pad_id are masked; a group whose keys are all pad gets an exact zero update (never NaN).
+- neighbours=None on a retro model is RETRO[OFF]: encoder and CCA are skipped, which is exactly the
+  baseline decoder computed with the same weights (parameter names match, so a baseline state dict
+  loads into a retro model with strict=False, and vice versa).
+- A baseline model ignores neighbours, so the same batches drive both models.
+- Init à la GPT-2: normal(0, 0.02), residual output projections 0.02/sqrt(2*n_layer), lm_head tied
+  to the token embedding. With zero_init_cca (default) the CCA output projections start at zero, so
+  an untrained RETRO equals RETRO[OFF] (safe for RETROfitting a pretrained decoder); their gradient
+  is non-zero, so retrieval is learned from the first step.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ---------------------------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class RetroConfig:
+    vocab_size: int  # LM tokenizer vocabulary
+    pad_id: int  # ignored as target; masked as neighbour key
+    chunk_size: int = 64  # m
+    seq_len: int = 512  # training n, a multiple of m (l = n/m chunks); forward takes any k*m
+    n_layer: int = 6
+    n_head: int = 4
+    d_model: int = 256
+    dropout: float = 0.0
+    bias: bool = False  # biases in Linear and LayerNorm
+    cca_layers: tuple[int, ...] | None = None  # 1-based; None: every 3rd from max(1, n_layer//2)
+    enc_layers: int = 2
+    enc_d_model: int = 128  # D
+    enc_n_head: int = 4
+    k: int = 2  # neighbours per chunk used in training
+    neighbour_len: int | None = None  # r; None: 2*chunk_size ([N, F])
+    model: str = "retro"  # retro | baseline (same decoder, no encoder, no CCA)
+    zero_init_cca: bool = True  # CCA output projections start at 0: untrained RETRO == RETRO[OFF]
+
+    def __post_init__(self) -> None:
+        def check(ok: bool, name: str, msg: str) -> None:
+            if not ok:
+                raise ValueError(f"RetroConfig.{name}: {msg}, got {getattr(self, name)!r}")
+
+        check(self.vocab_size >= 1, "vocab_size", "must be >= 1")
+        check(0 <= self.pad_id < self.vocab_size, "pad_id", "must be in [0, vocab_size)")
+        check(self.chunk_size >= 1, "chunk_size", "must be >= 1")
+        check(self.seq_len >= 1 and self.seq_len % self.chunk_size == 0, "seq_len",
+              f"must be a positive multiple of chunk_size ({self.chunk_size})")
+        check(self.n_layer >= 1, "n_layer", "must be >= 1")
+        check(self.n_head >= 1 and self.d_model % (2 * self.n_head) == 0, "n_head",
+              f"must be >= 1 and divide d_model ({self.d_model}) into even head sizes (RoPE)")
+        check(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
+        check(self.model in ("retro", "baseline"), "model", "must be 'retro' or 'baseline'")
+        check(self.enc_layers >= 1, "enc_layers", "must be >= 1")
+        check(self.enc_n_head >= 1 and self.enc_d_model % (2 * self.enc_n_head) == 0,
+              "enc_n_head", f"must be >= 1 and divide enc_d_model ({self.enc_d_model}) into even "
+              "head sizes (RoPE)")
+        check(self.k >= 1, "k", "must be >= 1")
+        if self.neighbour_len is None:
+            self.neighbour_len = 2 * self.chunk_size
+        check(self.neighbour_len >= 1, "neighbour_len", "must be >= 1")
+        if self.cca_layers is None:
+            self.cca_layers = tuple(range(max(1, self.n_layer // 2), self.n_layer + 1, 3))
+        self.cca_layers = tuple(self.cca_layers)  # YAML gives lists
+        check(len(self.cca_layers) >= 1 and all(1 <= i <= self.n_layer for i in self.cca_layers)
+              and len(set(self.cca_layers)) == len(self.cca_layers), "cca_layers",
+              f"must be distinct layer numbers in 1..n_layer ({self.n_layer})")
+        self.cca_layers = tuple(sorted(self.cca_layers))
+
+    @classmethod
+    def tiny(cls, **overrides) -> RetroConfig:
+        """For tests: m=4, n=16, 2 layers (CCA at 1 and 2), d=32."""
+        base = dict(vocab_size=64, pad_id=0, chunk_size=4, seq_len=16, n_layer=2, n_head=2,
+                    d_model=32, cca_layers=(1, 2), enc_layers=1, enc_d_model=16, enc_n_head=2)
+        return cls(**{**base, **overrides})
+
+    @classmethod
+    def small(cls, vocab_size: int, pad_id: int, **overrides) -> RetroConfig:
+        """The defaults (6 layers, d 256, m 64, n 512, CCA at 3 and 6): a CPU-sized RETRO."""
+        return cls(vocab_size=vocab_size, pad_id=pad_id, **overrides)
+
+    def as_baseline(self) -> RetroConfig:
+        return replace(self, model="baseline")
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+# ---------------------------------------------------------------------------------------------
+# building blocks
+
+
+def rope(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding: x (B h T hd), pos (T) → x rotated by pos (half-split form)."""
+    half = x.shape[-1] // 2
+    inv_freq = 10000.0 ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
+    ang = pos.to(torch.float32)[:, None] * inv_freq  # T half
+    cos, sin = ang.cos(), ang.sin()
+    x1, x2 = x[..., :half].float(), x[..., half:].float()
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+
+
+class Attention(nn.Module):
+    """Multi-head attention: queries from x (width d), keys/values from ctx (width d_ctx),
+    rotary positions q_pos (T) and k_pos (S)."""
+
+    def __init__(self, d: int, n_head: int, bias: bool, dropout: float, d_ctx: int | None = None):
+        super().__init__()
+        self.n_head, self.dropout = n_head, dropout
+        self.q = nn.Linear(d, d, bias=bias)
+        self.kv = nn.Linear(d_ctx or d, 2 * d, bias=bias)
+        self.proj = nn.Linear(d, d, bias=bias)  # residual projection (scaled init)
+        self.resid_drop = nn.Dropout(dropout)
+
+    def forward(self, x, q_pos, ctx=None, k_pos=None, mask=None, causal: bool = False):
+        # x (B T d), ctx (B S d_ctx), mask bool broadcastable to (B h T S), True = may attend
+        ctx, k_pos = (x, q_pos) if ctx is None else (ctx, k_pos)
+        (B, T, d), S, h = x.shape, ctx.shape[1], self.n_head
+        q = self.q(x).view(B, T, h, d // h).transpose(1, 2)  # B h T hd
+        k, v = self.kv(ctx).view(B, S, 2, h, d // h).permute(2, 0, 3, 1, 4)  # B h S hd each
+        q, k = rope(q, q_pos), rope(k, k_pos)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, d)))
+
+
+class MLP(nn.Module):
+    def __init__(self, d: int, bias: bool, dropout: float):
+        super().__init__()
+        self.fc = nn.Linear(d, 4 * d, bias=bias)
+        self.proj = nn.Linear(4 * d, d, bias=bias)  # residual projection (scaled init)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.drop(self.proj(F.gelu(self.fc(x))))
+
+
+def _key_mask(ok: torch.Tensor) -> torch.Tensor:
+    """(… S) bool, True = real key → (… 1 1 S) attention mask. An all-pad row may attend to
+    all keys (the caller zeroes or masks its result), so softmax never sees only -inf."""
+    return (ok | ~ok.any(-1, keepdim=True))[..., None, None, :]
+
+
+# ---------------------------------------------------------------------------------------------
+# retrieval encoder: neighbours (b l k r) → E (b l k r D), conditioned on the decoder's H_u
+
+
+class EncoderBlock(nn.Module):
+    """Bidirectional self-attention over one neighbour's r tokens, cross-attention to the
+    activations H_u (m d) of the chunk u that retrieved it, then an MLP; pre-LN."""
+
+    def __init__(self, cfg: RetroConfig):
+        super().__init__()
+        D, h = cfg.enc_d_model, cfg.enc_n_head
+        self.ln_1 = nn.LayerNorm(D, bias=cfg.bias)
+        self.attn = Attention(D, h, cfg.bias, cfg.dropout)
+        self.ln_2 = nn.LayerNorm(D, bias=cfg.bias)
+        self.cross = Attention(D, h, cfg.bias, cfg.dropout, d_ctx=cfg.d_model)
+        self.ln_3 = nn.LayerNorm(D, bias=cfg.bias)
+        self.mlp = MLP(D, cfg.bias, cfg.dropout)
+
+    def forward(self, e, hu, self_mask):
+        # e (b l k r D), hu (b l m d) normalised, self_mask (b l k 1 1 r)
+        b, l, k, r, D = e.shape
+        t = torch.arange(r, device=e.device)  # neighbour token t aligned with chunk token t
+        e = e + self.attn(self.ln_1(e).view(b * l * k, r, D), t,
+                          mask=self_mask.view(b * l * k, 1, 1, r)).view(e.shape)
+        # the k neighbours of chunk u all attend to the same H_u: merge k into the query axis
+        i = torch.arange(hu.shape[2], device=e.device)
+        e = e + self.cross(self.ln_2(e).view(b * l, k * r, D), t.repeat(k),
+                           ctx=hu.flatten(0, 1), k_pos=i).view(e.shape)
+        return e + self.mlp(self.ln_3(e))
+
+
+class RetroEncoder(nn.Module):
+    def __init__(self, cfg: RetroConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.inp = nn.Linear(cfg.d_model, cfg.enc_d_model, bias=cfg.bias)  # from the shared wte
+        self.ln_h = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.blocks = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.enc_layers))
+        self.ln_f = nn.LayerNorm(cfg.enc_d_model, bias=cfg.bias)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, nb_emb, h, key_ok):
+        # nb_emb (b l k r d) token embeddings, h (b n d) decoder activations, key_ok (b l k r)
+        b, l, k, r, _ = nb_emb.shape
+        hu = self.ln_h(h).view(b, l, self.cfg.chunk_size, -1)  # b l m d
+        e = self.drop(self.inp(nb_emb))  # b l k r D
+        self_mask = _key_mask(key_ok)  # b l k 1 1 r
+        for block in self.blocks:
+            e = block(e, hu, self_mask)
+        return self.ln_f(e)
+
+
+# ---------------------------------------------------------------------------------------------
+# chunked cross-attention (CCA)
+
+
+class ChunkedCrossAttention(nn.Module):
+    def __init__(self, cfg: RetroConfig):
+        super().__init__()
+        self.m = cfg.chunk_size
+        self.attn = Attention(cfg.d_model, cfg.n_head, cfg.bias, cfg.dropout, d_ctx=cfg.enc_d_model)
+
+    def forward(self, x, e, key_ok):
+        # x (b n d) normalised, e (b l k r D), key_ok (b l k r) → update (b n d)
+        (b, n, d), m = x.shape, self.m
+        l, kr = e.shape[1], e.shape[2] * e.shape[3]
+        # group u = positions u*m+m-1 .. (u+1)*m+m-2: shift left by m-1, pad the tail
+        q = F.pad(x[:, m - 1:], (0, 0, 0, m - 1)).view(b * l, m, d)  # (b l) m d
+        ok = key_ok.reshape(b * l, kr)  # neighbour and time axes merged
+        q_pos = torch.arange(m - 1, 2 * m - 1, device=x.device)  # in the frame of [N, F]
+        k_pos = torch.arange(e.shape[3], device=x.device).repeat(e.shape[2])
+        y = self.attn(q, q_pos, ctx=e.reshape(b * l, kr, -1), k_pos=k_pos,
+                      mask=_key_mask(ok))  # (b l) m d
+        y = y * ok.any(-1).to(y.dtype)[:, None, None]  # all keys pad → exact zero update
+        return F.pad(y.view(b, l * m, d)[:, : n - m + 1], (0, 0, m - 1, 0))  # first m-1: zero
+
+
+# ---------------------------------------------------------------------------------------------
+# decoder
+
+
+class Block(nn.Module):
+    """Pre-LN decoder block: causal self-attention, [CCA], MLP (the paper's ATTN, CCA, FFW)."""
+
+    def __init__(self, cfg: RetroConfig, cca: bool):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.attn = Attention(cfg.d_model, cfg.n_head, cfg.bias, cfg.dropout)
+        if cca:
+            self.ln_cca = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+            self.cca = ChunkedCrossAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.mlp = MLP(cfg.d_model, cfg.bias, cfg.dropout)
+
+    def forward(self, x, e=None, key_ok=None):
+        x = x + self.attn(self.ln_1(x), torch.arange(x.shape[1], device=x.device), causal=True)
+        if e is not None and hasattr(self, "cca"):
+            x = x + self.cca(self.ln_cca(x), e, key_ok)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Retro(nn.Module):
+    def __init__(self, cfg: RetroConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.retrieval = cfg.model == "retro"
+        cca = set(cfg.cca_layers) if self.retrieval else set()
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i in cca) for i in range(1, cfg.n_layer + 1))
+        self.ln_f = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied
+        if self.retrieval:
+            self.encoder = RetroEncoder(cfg)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for mod in self.modules():
+            if isinstance(mod, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(mod.weight, mean=0.0, std=0.02)
+            if isinstance(mod, (nn.Linear, nn.LayerNorm)) and mod.bias is not None:
+                nn.init.zeros_(mod.bias)
+        std = 0.02 / math.sqrt(2 * self.cfg.n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith("proj.weight"):  # residual projections (attn, MLP, CCA, encoder)
+                nn.init.normal_(p, mean=0.0, std=std)
+        if self.cfg.zero_init_cca:
+            for block in self.blocks:
+                if hasattr(block, "cca"):
+                    nn.init.zeros_(block.cca.attn.proj.weight)
+
+    # --- forward ------------------------------------------------------------------------------
+
+    def forward(self, idx, neighbours=None, targets=None):
+        """idx (b n) long, n a multiple of m; neighbours (b n/m k' r') long, or None
+        (RETRO[OFF]); targets (b n) long or None.
+        Returns (logits (b n V), mean cross-entropy over non-pad targets or None)."""
+        cfg = self.cfg
+        b, n = idx.shape
+        if n == 0 or n % cfg.chunk_size:
+            raise ValueError(f"sequence length {n} must be a positive multiple of chunk_size "
+                             f"({cfg.chunk_size})")
+        x = self.drop(self.wte(idx))  # b n d (positions are rotary, inside attention)
+        key_ok = None
+        if not self.retrieval:
+            neighbours = None
+        if neighbours is not None:
+            l = n // cfg.chunk_size
+            if neighbours.dim() != 4 or neighbours.shape[:2] != (b, l):
+                raise ValueError(f"neighbours must be (b={b}, l={l}, k, r), "
+                                 f"got {tuple(neighbours.shape)}")
+            key_ok = neighbours != cfg.pad_id  # b l k r
+        e = None
+        for i, block in enumerate(self.blocks, 1):
+            if neighbours is not None and i == cfg.cca_layers[0]:
+                e = self.encoder(self.wte(neighbours), x, key_ok)  # b l k r D
+            x = block(x, e, key_ok)
+        logits = self.lm_head(self.ln_f(x))  # b n V
+        if targets is None:
+            return logits, None
+        nll, count = self._nll(logits, targets)
+        return logits, nll / count.clamp(min=1)
+
+    def _nll(self, logits, targets):
+        nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
+                              ignore_index=self.cfg.pad_id, reduction="sum")
+        return nll, (targets != self.cfg.pad_id).sum()
+
+    @torch.no_grad()
+    def nll_sum(self, idx, neighbours, targets) -> tuple[float, int]:
+        """(sum of nats over non-pad targets, their count): exact bits-per-byte accumulation."""
+        logits, _ = self(idx, neighbours)
+        nll, count = self._nll(logits, targets)
+        return float(nll.double()), int(count)
+
+    # --- parameters ---------------------------------------------------------------------------
+
+    def num_params(self) -> int:
+        """Unique parameters (the tied lm_head counted once; no position embeddings)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def retrieval_parameters(self) -> list[nn.Parameter]:
+        """Encoder + CCA parameters: what RETROfitting trains with the decoder frozen."""
+        return [p for name, p in self.named_parameters()
+                if name.startswith("encoder.") or ".cca." in name or ".ln_cca." in name]
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups: decay on Linear weights only (not norms, biases, embeddings)."""
+        decay = {id(m.weight) for m in self.modules() if isinstance(m, nn.Linear)}
+        decay.discard(id(self.wte.weight))  # tied lm_head is the embedding
+        params = [p for p in self.parameters() if p.requires_grad]
+        return [{"params": [p for p in params if id(p) in decay], "weight_decay": weight_decay},
+                {"params": [p for p in params if id(p) not in decay], "weight_decay": 0.0}]
+
+    def configure_optimizer(self, weight_decay: float, lr: float,
+                            betas: tuple[float, float] = (0.9, 0.95)) -> torch.optim.AdamW:
+        return torch.optim.AdamW(self.param_groups(weight_decay), lr=lr, betas=betas)

@@ -1,0 +1,245 @@
+"""RETRO model: chunked cross-attention causality, RETRO[OFF], padding, config, learning."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ratray.models import Retro, RetroConfig
+
+M, N, V, PAD = 4, 16, 64, 0  # tiny(): chunk_size 4, seq_len 16 (l = 4 chunks)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matmuls: two threads on a shared 2-core box only contend (measured ~6x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_model(seed: int = 0, **overrides) -> Retro:
+    torch.manual_seed(seed)
+    model = Retro(RetroConfig.tiny(zero_init_cca=False, **overrides)).eval()
+    return model
+
+
+def batch(seed: int = 1, b: int = 2, k: int = 2, r: int = 2 * M):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(1, V, (b, N), generator=g)
+    nb = torch.randint(1, V, (b, N // M, k, r), generator=g)
+    return idx, nb
+
+
+@torch.no_grad()
+def logits(model, idx, nb):
+    return model(idx, nb)[0]
+
+
+def changed_positions(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(b n V) pair → bool (n): positions whose logits differ in any batch row."""
+    return (a != b).any(-1).any(0)
+
+
+# ---------------------------------------------------------------------------------------------
+# causality
+
+
+@pytest.mark.parametrize("u", [0, 1, 2])
+def test_cca_neighbours_of_chunk_u_only_affect_later_positions(u):
+    model = tiny_model()
+    idx, nb = batch()
+    nb2 = nb.clone()
+    nb2[:, u] = torch.randint(1, V, nb2[:, u].shape, generator=torch.Generator().manual_seed(7))
+    diff = changed_positions(logits(model, idx, nb), logits(model, idx, nb2))
+    first = (u + 1) * M - 1  # the last token of chunk u predicts the first token of chunk u+1
+    assert not diff[:first].any(), f"positions {diff[:first].nonzero().flatten().tolist()} leaked"
+    assert diff[first], "the last token of chunk u must see E_u"
+    assert diff[first:].all(), "every later position attends (through CCA or self-attention)"
+
+
+def test_last_chunk_neighbours_affect_only_final_position_and_first_m_minus_1_see_nothing():
+    model = tiny_model()
+    idx, nb = batch()
+    base = logits(model, idx, nb)
+    nb_last = nb.clone()
+    nb_last[:, -1] = (nb_last[:, -1] % (V - 1)) + 1  # different non-pad tokens
+    diff = changed_positions(base, logits(model, idx, nb_last))
+    assert diff.tolist() == [False] * (N - 1) + [True]
+    other = batch(seed=99)[1]  # every neighbour replaced
+    diff = changed_positions(base, logits(model, idx, other))
+    assert not diff[: M - 1].any() and diff[M - 1:].all()
+
+
+def test_decoder_is_causal():
+    model = tiny_model()
+    idx, nb = batch()
+    base = logits(model, idx, nb)
+    for t in (0, 5, N - 1):
+        idx2 = idx.clone()
+        idx2[:, t] = (idx2[:, t] % (V - 1)) + 1
+        diff = changed_positions(base, logits(model, idx2, nb))
+        assert not diff[:t].any() and diff[t]
+
+
+# ---------------------------------------------------------------------------------------------
+# RETRO[OFF], baseline, padding
+
+
+def test_retro_off_is_the_baseline_decoder_with_the_same_weights():
+    model = tiny_model()
+    idx, nb = batch()
+    off = logits(model, idx, None)
+    baseline = Retro(model.cfg.as_baseline()).eval()
+    missing, unexpected = baseline.load_state_dict(model.state_dict(), strict=False)
+    assert not missing
+    assert unexpected and all(k.startswith("encoder.") or ".cca." in k or ".ln_cca." in k
+                              for k in unexpected)
+    assert torch.equal(off, logits(baseline, idx, None))
+    assert torch.equal(off, logits(baseline, idx, nb))  # a baseline ignores neighbours
+    assert not any(k.startswith("encoder.") or "cca" in k for k, _ in baseline.named_parameters())
+    assert baseline.num_params() < model.num_params()
+    assert model.num_params() - baseline.num_params() == sum(
+        p.numel() for p in model.retrieval_parameters())
+
+
+def test_zero_init_cca_starts_equal_to_retro_off():
+    torch.manual_seed(0)
+    model = Retro(RetroConfig.tiny()).eval()  # zero_init_cca=True (default)
+    idx, nb = batch()
+    assert torch.equal(logits(model, idx, nb), logits(model, idx, None))
+
+
+def test_all_pad_neighbours_are_finite_and_equal_retro_off():
+    model = tiny_model()
+    idx, nb = batch()
+    off = logits(model, idx, None)
+    pad = torch.full_like(nb, PAD)
+    out = logits(model, idx, pad)
+    assert torch.isfinite(out).all()
+    assert torch.equal(out, off)  # every CCA group has only pad keys: exact zero update
+    # only chunk 1's neighbours are pad: positions up to the group of chunk 1 equal RETRO[OFF]...
+    part = nb.clone()
+    part[:, :2] = PAD
+    out = logits(model, idx, part)
+    assert torch.isfinite(out).all() and torch.equal(out[:, : 3 * M - 1], off[:, : 3 * M - 1])
+    # ...and a partly padded neighbour (no continuation) is finite, gradients too
+    nb[:, :, :, M:] = PAD
+    model.train()
+    loss = model(idx, nb, idx)[1]
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all()
+                                        for p in model.parameters() if p.grad is not None)
+
+
+def test_shapes_shorter_sequences_and_more_neighbours():
+    model = tiny_model()
+    idx, nb = batch(k=3, r=M + 1)  # k' != cfg.k, r' < neighbour_len
+    assert logits(model, idx, nb).shape == (2, N, V)
+    short = logits(model, idx[:, : 2 * M], nb[:, :2])
+    assert torch.allclose(short, logits(model, idx, nb)[:, : 2 * M], atol=1e-5)
+    with pytest.raises(ValueError, match="multiple of chunk_size"):
+        model(idx[:, :5])
+    with pytest.raises(ValueError, match="neighbours"):
+        model(idx, nb[:, :2])
+
+
+def test_loss_ignores_pad_targets_and_nll_sum_matches():
+    model = tiny_model()
+    idx, nb = batch()
+    targets = idx.clone()
+    targets[:, -3:] = PAD
+    with torch.no_grad():
+        lo, loss = model(idx, nb, targets)
+    keep = targets != PAD
+    ref = torch.nn.functional.cross_entropy(lo[keep], targets[keep])
+    assert torch.allclose(loss, ref, atol=1e-6)
+    total, count = model.nll_sum(idx, nb, targets)
+    assert count == int(keep.sum()) and total / count == pytest.approx(float(ref), rel=1e-5)
+    assert model(idx, nb, torch.full_like(idx, PAD))[1] == 0  # all pad: 0, not NaN
+
+
+def test_bf16_autocast_runs():
+    model = tiny_model()
+    idx, nb = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lo, loss = model(idx, nb, idx)
+    assert torch.isfinite(loss) and lo.shape == (2, N, V)
+
+
+# ---------------------------------------------------------------------------------------------
+# config and parameters
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (dict(seq_len=18), "seq_len"),
+    (dict(cca_layers=(0,)), "cca_layers"),
+    (dict(cca_layers=(3,)), "cca_layers"),  # tiny has 2 layers
+    (dict(cca_layers=()), "cca_layers"),
+    (dict(n_head=3), "n_head"),
+    (dict(enc_n_head=3), "enc_n_head"),
+    (dict(k=0), "k"),
+    (dict(pad_id=64), "pad_id"),
+    (dict(model="realm"), "model"),
+])
+def test_config_validation_names_the_field(overrides, field):
+    with pytest.raises(ValueError, match=rf"RetroConfig\.{field}:"):
+        RetroConfig.tiny(**overrides)
+
+
+def test_default_cca_layers_follow_the_paper():
+    assert RetroConfig(vocab_size=V, pad_id=0, n_layer=12).cca_layers == (6, 9, 12)
+    assert RetroConfig(vocab_size=V, pad_id=0).cca_layers == (3, 6)  # 6 layers
+    assert RetroConfig(vocab_size=V, pad_id=0, n_layer=1).cca_layers == (1,)
+    assert RetroConfig(vocab_size=V, pad_id=0, cca_layers=[6, 3]).cca_layers == (3, 6)
+    assert RetroConfig(vocab_size=V, pad_id=0).neighbour_len == 128
+
+
+def test_param_groups_decay_only_linear_weights():
+    model = tiny_model()
+    decay, no_decay = model.param_groups(0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decay["params"])
+    assert any(p is model.wte.weight for p in no_decay["params"])
+    n = sum(p.numel() for g in (decay, no_decay) for p in g["params"])
+    assert n == model.num_params()
+    opt = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95))
+    assert isinstance(opt, torch.optim.AdamW)
+
+
+# ---------------------------------------------------------------------------------------------
+# learning: retrieval of the continuation is useful
+
+
+def copy_task(g: torch.Generator, b: int = 16):
+    """Random sequences; the neighbour of chunk u is [chunk u, chunk u+1] (its continuation),
+    so with retrieval every token after the first chunk is predictable, without it none is."""
+    idx = torch.randint(1, V, (b, N + M), generator=g)
+    chunks = idx.view(b, N // M + 1, M)
+    nb = torch.cat([chunks[:, :-1], chunks[:, 1:]], dim=-1)[:, :, None]  # b l 1 2m
+    nb[:, -1, :, M:] = PAD  # the last chunk's continuation lies outside the sequence
+    return idx[:, :N], nb, idx[:, 1: N + 1]
+
+
+def test_retrieval_learns_to_copy_the_continuation():
+    torch.manual_seed(0)
+    model = Retro(RetroConfig.tiny(k=1))
+    opt = model.configure_optimizer(0.0, 6e-3)
+    g = torch.Generator().manual_seed(0)
+    held_out = copy_task(torch.Generator().manual_seed(123), b=32)
+
+    @torch.no_grad()
+    def held_out_loss(neighbours: bool) -> float:
+        idx, nb, tgt = held_out
+        return model.eval()(idx, nb if neighbours else None, tgt)[1].item()
+
+    start = held_out_loss(True)
+    for _ in range(60):  # fresh random batches: only copying through retrieval generalises
+        idx, nb, tgt = copy_task(g, b=32)
+        loss = model.train()(idx, nb, tgt)[1]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    on, off = held_out_loss(True), held_out_loss(False)
+    print(f"held-out loss: start {start:.3f}  RETRO[ON] {on:.3f}  RETRO[OFF] {off:.3f}")
+    assert on < start - 0.5 and on < off - 0.5
