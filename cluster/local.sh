@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# A local single-node Ray head for the demo and the README (thin wrapper over ratray/cluster.py).
+#
+#   cluster/local.sh up [--num-cpus 2] [--port 6379] [--dashboard-port 8265] [--auth token|disabled]
+#   cluster/local.sh submit [--working-dir .] [--no-wait] -- python jobs/build_index.py --workdir work
+#   cluster/local.sh status            # JSON: up?, addresses, auth, jobs (exit 3 when down)
+#   cluster/local.sh logs JOB_ID
+#   eval "$(cluster/local.sh env)"     # RAY_ADDRESS / RAY_AUTH_MODE for plain `ray job ...` commands
+#   cluster/local.sh down              # stops only this head (never `ray stop`, which stops every Ray)
+#
+# The head always runs with Ray token auth (a token is generated in ~/.ray/auth_token if missing);
+# see the docstring of ratray/cluster.py for why and for the ports it uses.
+# RATRAY_RAY_PORT / RATRAY_RAY_DASHBOARD_PORT change the default ports; PYTHON the interpreter.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PY="${PYTHON:-$ROOT/.venv/bin/python}"
+if [[ ! -x "$PY" ]]; then
+  echo "cluster/local.sh: $PY not found; run 'make venv' first (or set PYTHON=...)" >&2
+  exit 2
+fi
+if [[ $# -lt 1 ]]; then
+  sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+  exit 2
+fi
+export RAY_USAGE_STATS_ENABLED="${RAY_USAGE_STATS_ENABLED:-0}"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+exec "$PY" -m ratray.cluster "$@"

@@ -1,0 +1,525 @@
+"""A local single-node Ray head for `make demo` and the README: start it, submit jobs, stop it.
+
+    python -m ratray.cluster up [--num-cpus 2] [--port 6379] [--dashboard-port 8265]
+    python -m ratray.cluster submit [--working-dir .] [--no-wait] -- python jobs/x.py --flag
+    python -m ratray.cluster status | env | down
+    (cluster/local.sh wraps exactly these with .venv/bin/python)
+
+What this does on `up` (facts verified on Ray 2.60, see tests/test_cluster_local.py):
+
+- Runs ``ray start --head`` in its own session (``setsid``), with ``--temp-dir
+  /tmp/ratray-ray-<port>``. The private temp dir means the head's address is written to
+  ``/tmp/ratray-ray-<port>/ray_current_cluster`` and *not* ``/tmp/ray/ray_current_cluster``, so a
+  plain ``ray.init()`` elsewhere on the machine (the test suite, someone else's run) keeps starting
+  its own local Ray instead of attaching to this head (which would fail: passing ``num_cpus`` to an
+  existing cluster raises).
+- Ports: GCS ``port``, dashboard/job API ``dashboard_port`` on 127.0.0.1, Ray client server
+  ``port+1``, dashboard agent HTTP ``port+2`` (Ray's defaults 10001/52365 are shared by every
+  local Ray, and 10001 can't be used anyway next to the default worker-port range 10002-19999);
+  all other ports are picked free by Ray. Two heads with ports ≥ 3 apart never clash.
+- Binding: the dashboard/job API listens on 127.0.0.1 only. The GCS (``port``), raylet and agent
+  ports listen on **all interfaces** whatever we pass: ``--node-ip-address 127.0.0.1`` is rewritten
+  by Ray to the machine's IP (``resolve_ip_for_localhost``) and there is no bind option. Hence:
+- **Auth policy: the local head always runs with token auth** (``RAY_AUTH_MODE=token``). If no
+  token is available (``$RAY_AUTH_TOKEN``, ``$RAY_AUTH_TOKEN_PATH`` or ``$HOME/.ray/auth_token``),
+  ``up`` creates one with ``ray get-auth-token --generate`` (the standard file, the same one a
+  plain ``ray.init()`` writes). ``env()`` exports ``RAY_AUTH_MODE=token`` so ``ray job submit``
+  sends it. Why explicit: Ray turns auth on by itself in ``ray start`` only when a token file
+  already exists, and then a ``ray job submit`` without ``RAY_AUTH_MODE=token`` fails with
+  "Missing authentication token"; with no token file it silently starts an unauthenticated head
+  whose GCS is reachable from the network. Pinning the mode makes both machines behave the same.
+  ``auth="disabled"`` (``--auth disabled``) is the explicit opt-out (exports
+  ``RAY_AUTH_MODE=disabled``, which also stops Ray from auto-enabling auth from a token file).
+- The head's processes inherit ``PATH`` with this interpreter's ``bin`` first, so ``python`` in a
+  job entrypoint is the project venv's python (otherwise it is whatever ``python`` the shell that
+  ran ``ray start`` finds — a bare system python without ray when the venv was not activated).
+- Every head process carries ``RATRAY_LOCAL_RAY=<marker>`` in its environment. ``down`` stops
+  exactly: processes in the head's session, processes with that marker (job drivers call
+  ``setsid`` but keep the environment), and their descendants — raylet first, then the rest, then
+  the GCS (``ray stop``'s order), SIGKILL after a grace period. It never runs ``ray stop``, which
+  kills *every* Ray process on the machine.
+- State (ports, pids, marker, auth) lives in ``/tmp/ratray-ray-<port>/ratray_head.json``; ``up`` is
+  idempotent (a live head it started is reused) and a stale state file is replaced.
+
+``up`` returns the job-submission address ``http://127.0.0.1:<dashboard_port>``; ``gcs_address``
+is ``<node ip>:<port>`` for ``ray.init(address=...)``. Don't export ``env()`` into a shell where
+you then run ``ray.init()`` directly: the job API address in RAY_ADDRESS is not a GCS address.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+MARKER_ENV = "RATRAY_LOCAL_RAY"
+STATE_FILE = "ratray_head.json"
+DEFAULT_PORT = 6379
+DEFAULT_DASHBOARD_PORT = 8265
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+# Ray puts sockets at <temp_dir>/session_<date>_<time>_<us>_<pid>/sockets/plasma_store and AF_UNIX
+# paths are limited to 107 bytes: the session part takes ~62, so keep the temp dir short.
+MAX_TEMP_DIR_CHARS = 44
+
+
+class ClusterError(RuntimeError):
+    """The local head could not be started, reached or stopped."""
+
+
+def _ray_exe(python: str) -> str:
+    exe = Path(python).with_name("ray")
+    if exe.exists():
+        return str(exe)
+    found = shutil.which("ray")
+    if not found:
+        raise ClusterError(f"no `ray` executable next to {python} or on PATH")
+    return found
+
+
+def _port_busy(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
+def _alive(pid: int, create_time: float | None = None) -> bool:
+    import psutil
+
+    try:
+        p = psutil.Process(pid)
+        if p.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return create_time is None or abs(p.create_time() - create_time) < 1.0
+    except psutil.Error:
+        return False
+
+
+class LocalRay:
+    """One local Ray head started (and stopped) by ratray. See the module docstring."""
+
+    def __init__(self, port: int = DEFAULT_PORT, dashboard_port: int = DEFAULT_DASHBOARD_PORT,
+                 temp_dir: str | os.PathLike | None = None, auth: str = "token",
+                 python: str | None = None, extra_env: dict[str, str] | None = None):
+        if auth not in ("token", "disabled"):
+            raise ValueError(f"auth must be token|disabled, got {auth!r}")
+        self.auth = auth
+        self.python = python or sys.executable
+        self.extra_env = dict(extra_env or {})
+        self._temp_dir_arg = temp_dir
+        self._configure(port, dashboard_port)
+
+    def _configure(self, port: int, dashboard_port: int) -> None:
+        self.port = int(port)
+        self.dashboard_port = int(dashboard_port)
+        self.temp_dir = Path(self._temp_dir_arg or Path(tempfile.gettempdir()) / f"ratray-ray-{self.port}")
+        state = self._read_state()
+        if state:  # a head already started on this port decides the ports/auth
+            self.dashboard_port = state["dashboard_port"]
+            self.auth = state["auth"]
+
+    # -- addresses / environment --------------------------------------------------------------
+    @property
+    def address(self) -> str:
+        """Job-submission (dashboard) address."""
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    @property
+    def gcs_address(self) -> str | None:
+        state = self._read_state()
+        return state.get("gcs_address") if state else None
+
+    @property
+    def state_path(self) -> Path:
+        return self.temp_dir / STATE_FILE
+
+    def env(self) -> dict[str, str]:
+        """What `ray job submit`/`ray job logs` need to reach this head."""
+        return {"RAY_ADDRESS": self.address, "RAY_API_SERVER_ADDRESS": self.address,
+                "RAY_AUTH_MODE": self.auth}
+
+    def _base_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(self.extra_env)
+        env["RAY_AUTH_MODE"] = self.auth
+        env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        return env
+
+    def _token(self) -> str | None:
+        env = self._base_env()
+        if env.get("RAY_AUTH_TOKEN", "").strip():
+            return env["RAY_AUTH_TOKEN"].strip()
+        candidates = []
+        if env.get("RAY_AUTH_TOKEN_PATH"):
+            candidates.append(Path(env["RAY_AUTH_TOKEN_PATH"]).expanduser())
+        home = env.get("HOME") or str(Path.home())
+        candidates.append(Path(home) / ".ray" / "auth_token")
+        for c in candidates:
+            if c.is_file() and c.read_text().strip():
+                return c.read_text().strip()
+        return None
+
+    def ensure_token(self) -> bool:
+        """Create ``$HOME/.ray/auth_token`` via ``ray get-auth-token --generate`` if no token is
+        available. Returns True when it generated one."""
+        if self._token():
+            return False
+        r = subprocess.run([_ray_exe(self.python), "get-auth-token", "--generate"],
+                           env=self._base_env(), capture_output=True, text=True, timeout=60)
+        if r.returncode != 0 or not self._token():
+            raise ClusterError(f"`ray get-auth-token --generate` failed: {r.stderr.strip()[-2000:]}")
+        return True
+
+    # -- state --------------------------------------------------------------------------------
+    def _read_state(self) -> dict | None:
+        try:
+            return json.loads(self.state_path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def is_up(self) -> bool:
+        state = self._read_state()
+        return bool(state) and _alive(state["gcs_pid"], state.get("gcs_create_time"))
+
+    # -- up -----------------------------------------------------------------------------------
+    def up(self, num_cpus: int = 2, dashboard_port: int | None = None, port: int | None = None,
+           object_store_memory: int | None = None, num_gpus: int | None = None,
+           timeout: float = 120.0, quiet: bool = False) -> str:
+        """Start the head (or reuse the one this class started); returns the job API address."""
+        if port is not None and int(port) != self.port:
+            self._configure(port, dashboard_port or self.dashboard_port)
+        if self.is_up():
+            if not quiet:
+                print(f"ratray: reusing the local Ray head on port {self.port} ({self.address})",
+                      file=sys.stderr)
+            return self.address
+        if dashboard_port is not None:
+            self.dashboard_port = int(dashboard_port)
+        if self.state_path.exists():  # stale: its processes are gone
+            self._stop_processes(self._read_state() or {}, grace=5.0)
+            self.state_path.unlink(missing_ok=True)
+
+        client_port, agent_port = self.port + 1, self.port + 2
+        for what, p in (("GCS --port", self.port), ("--dashboard-port", self.dashboard_port),
+                        ("ray client server (port+1)", client_port),
+                        ("dashboard agent (port+2)", agent_port)):
+            if _port_busy(p):
+                raise ClusterError(f"port {p} ({what}) is already in use by another process: "
+                                   "choose other --port/--dashboard-port")
+        if len(str(self.temp_dir.resolve())) > MAX_TEMP_DIR_CHARS:
+            raise ClusterError(f"temp dir {self.temp_dir} is too long for Ray's unix sockets "
+                               f"(AF_UNIX paths ≤ 107 bytes incl. session_*/sockets/plasma_store): "
+                               f"use ≤ {MAX_TEMP_DIR_CHARS} characters, e.g. /tmp/ratray-ray-{self.port}")
+        generated = self.ensure_token() if self.auth == "token" else False
+
+        self.temp_dir.mkdir(parents=True, exist_ok=True)
+        marker = uuid.uuid4().hex
+        env = self._base_env()
+        env[MARKER_ENV] = marker
+        env["PATH"] = str(Path(self.python).parent) + os.pathsep + env.get("PATH", "")
+        for k in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
+            env.pop(k, None)
+        cmd = [_ray_exe(self.python), "start", "--head", f"--num-cpus={int(num_cpus)}",
+               f"--port={self.port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+               f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={client_port}",
+               f"--dashboard-agent-listen-port={agent_port}", f"--temp-dir={self.temp_dir}",
+               "--disable-usage-stats"]
+        if object_store_memory:
+            cmd.append(f"--object-store-memory={int(object_store_memory)}")
+        if num_gpus is not None:
+            cmd.append(f"--num-gpus={int(num_gpus)}")
+        log_path = self.temp_dir / "ratray_ray_start.log"
+        t0 = time.time()
+        with open(log_path, "w") as logf:
+            proc = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+            try:
+                rc = proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                rc = None
+        state = {"port": self.port, "dashboard_port": self.dashboard_port, "auth": self.auth,
+                 "marker": marker, "sid": proc.pid, "temp_dir": str(self.temp_dir),
+                 "python": self.python, "started": t0}
+        if rc != 0:
+            self._stop_processes(state, grace=5.0)
+            tail = log_path.read_text()[-3000:]
+            raise ClusterError(f"`ray start --head` failed (rc={rc}); log {log_path}:\n{tail}")
+        gcs = self._find(state, "gcs_server")
+        if not gcs:
+            self._stop_processes(state, grace=5.0)
+            raise ClusterError(f"`ray start` returned but no gcs_server of this head is running; see {log_path}")
+        state.update(gcs_pid=gcs.pid, gcs_create_time=gcs.create_time(),
+                     gcs_address=(Path(self.temp_dir, "ray_current_cluster").read_text().strip()
+                                  if Path(self.temp_dir, "ray_current_cluster").exists() else None))
+        self.state_path.write_text(json.dumps(state, indent=1))
+        self._wait_http(deadline=t0 + timeout)
+        if not quiet:
+            print(f"ratray: local Ray head up in {time.time() - t0:.1f}s: job API {self.address}, "
+                  f"GCS {state['gcs_address']}, auth={self.auth}"
+                  + (" (generated $HOME/.ray/auth_token)" if generated else ""), file=sys.stderr)
+        return self.address
+
+    # -- HTTP job API -------------------------------------------------------------------------
+    def _request(self, path: str, timeout: float = 10.0) -> Any:
+        req = urllib.request.Request(self.address + path)
+        token = self._token() if self.auth == "token" else None
+        if token:
+            req.add_header("Authorization", f"Bearer {token}")
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            body = r.read().decode()
+        return json.loads(body) if body else None
+
+    def _wait_http(self, deadline: float) -> None:
+        last: Exception | None = None
+        while time.time() < deadline:
+            try:
+                self._request("/api/version", timeout=3)
+                return
+            except urllib.error.HTTPError as e:
+                if e.code in (401, 403):
+                    raise ClusterError(f"the job API at {self.address} refused our token ({e.code})") from e
+                last = e
+            except (OSError, ValueError) as e:
+                last = e
+            time.sleep(0.5)
+        raise ClusterError(f"the job API at {self.address} did not answer: {last}")
+
+    def job_info(self, job_id: str) -> dict:
+        return self._request(f"/api/jobs/{job_id}")
+
+    def job_status(self, job_id: str) -> str:
+        return str(self.job_info(job_id).get("status"))
+
+    def job_logs(self, job_id: str) -> str:
+        return (self._request(f"/api/jobs/{job_id}/logs") or {}).get("logs", "")
+
+    def list_jobs(self) -> list[dict]:
+        return self._request("/api/jobs/") or []
+
+    def wait(self, job_id: str, timeout: float = 3600.0, poll: float = 1.0) -> str:
+        deadline = time.time() + timeout
+        while True:
+            status = self.job_status(job_id)
+            if status in TERMINAL or time.time() > deadline:
+                return status
+            time.sleep(poll)
+
+    # -- submit -------------------------------------------------------------------------------
+    def submit(self, entrypoint: list[str], working_dir: str | os.PathLike = ".",
+               runtime_env: dict | None = None, follow: bool = True,
+               submission_id: str | None = None, stream=None) -> tuple[str, str]:
+        """``ray job submit`` the entrypoint. With ``follow`` the job's logs stream to ``stream``
+        (default stdout) until it ends. Returns ``(job_id, status)`` where status is Ray's job
+        status: SUCCEEDED | FAILED | STOPPED (or PENDING/RUNNING when ``follow=False``)."""
+        if not entrypoint:
+            raise ValueError("entrypoint must be a non-empty command list")
+        if not self.is_up():
+            raise ClusterError(f"no local Ray head started by ratray on port {self.port}: run `up` first")
+        job_id = submission_id or f"ratray_{time.strftime('%Y%m%d_%H%M%S')}_{uuid.uuid4().hex[:6]}"
+        cmd = [_ray_exe(self.python), "job", "submit", f"--address={self.address}",
+               f"--submission-id={job_id}", f"--working-dir={Path(working_dir).resolve()}"]
+        if runtime_env:
+            cmd.append(f"--runtime-env-json={json.dumps(runtime_env)}")
+        if not follow:
+            cmd.append("--no-wait")
+        cmd += ["--", *[str(a) for a in entrypoint]]
+        env = self._base_env()
+        env.update(self.env())
+        out = stream or sys.stdout
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, text=True, bufsize=1)
+        tail: list[str] = []
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            out.write(line)
+            tail = (tail + [line])[-40:]
+        rc = proc.wait()
+        try:
+            status = self.wait(job_id, timeout=30, poll=0.5) if follow else self.job_status(job_id)
+        except urllib.error.HTTPError as e:
+            if e.code == 404 and rc != 0:
+                raise ClusterError(f"`ray job submit` failed (rc={rc}):\n{''.join(tail)}") from e
+            raise
+        return job_id, status
+
+    # -- down ---------------------------------------------------------------------------------
+    def _members(self, state: dict) -> dict:
+        import psutil
+
+        sid, marker = state.get("sid"), state.get("marker")
+        started = float(state.get("started", 0)) - 5.0  # `ray start` began at state["started"]
+        out: dict[int, Any] = {}
+        me = os.getpid()
+        for p in psutil.process_iter(["pid", "name", "create_time"]):
+            if p.pid == me:
+                continue
+            try:
+                # session members created before this head existed are someone else's (pid reuse)
+                hit = (sid is not None and os.getsid(p.pid) == sid
+                       and (p.info["create_time"] or 0) >= started)
+                if not hit and marker:
+                    try:
+                        hit = p.environ().get(MARKER_ENV) == marker
+                    except (psutil.AccessDenied, psutil.ZombieProcess, OSError):
+                        hit = False
+                if hit:
+                    out[p.pid] = p
+                    for c in p.children(recursive=True):
+                        out.setdefault(c.pid, c)
+            except (psutil.Error, OSError):
+                continue
+        return {pid: p for pid, p in out.items() if pid != me and _alive(pid)}
+
+    def _find(self, state: dict, name: str):
+        for p in self._members(state).values():
+            try:
+                if p.name() == name:
+                    return p
+            except Exception:
+                pass
+        return None
+
+    def processes(self) -> list[int]:
+        """Pids of the running processes of the head this class started (empty when down)."""
+        state = self._read_state()
+        return sorted(self._members(state)) if state else []
+
+    def _stop_processes(self, state: dict, grace: float = 10.0) -> int:
+        import psutil
+
+        procs = self._members(state)
+        if not procs:
+            return 0
+
+        def name(p):
+            try:
+                return p.name()
+            except psutil.Error:
+                return ""
+
+        raylets = [p for p in procs.values() if name(p) == "raylet"]
+        gcs = [p for p in procs.values() if name(p) == "gcs_server"]
+        rest = [p for p in procs.values() if p not in raylets and p not in gcs]
+        for bucket in (raylets, rest, gcs):
+            for p in bucket:
+                try:
+                    p.send_signal(signal.SIGTERM)
+                except psutil.Error:
+                    pass
+            _, alive = psutil.wait_procs(bucket, timeout=grace / 3)
+            for p in alive:
+                try:
+                    p.kill()
+                except psutil.Error:
+                    pass
+            psutil.wait_procs(alive, timeout=2)
+        # anything spawned meanwhile (a worker started by a dying raylet)
+        for p in self._members(state).values():
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        return len(procs)
+
+    def down(self, grace: float = 10.0, quiet: bool = False) -> int:
+        """Stop only the head this class started; returns how many processes were stopped."""
+        state = self._read_state()
+        if not state:
+            if not quiet:
+                print(f"ratray: no local Ray head started by ratray on port {self.port}", file=sys.stderr)
+            return 0
+        t0 = time.time()
+        n = self._stop_processes(state, grace=grace)
+        self.state_path.unlink(missing_ok=True)
+        if not quiet:
+            print(f"ratray: stopped {n} processes of the local Ray head on port {self.port} "
+                  f"in {time.time() - t0:.1f}s", file=sys.stderr)
+        return n
+
+    def status(self) -> dict:
+        state = self._read_state() or {}
+        up = self.is_up()
+        info = {"up": up, "port": self.port, "address": self.address if up else None,
+                "gcs_address": state.get("gcs_address") if up else None, "auth": self.auth,
+                "temp_dir": str(self.temp_dir), "processes": len(self.processes()) if state else 0}
+        if up:
+            try:
+                info["jobs"] = [{"id": j.get("submission_id"), "status": j.get("status"),
+                                 "entrypoint": j.get("entrypoint")} for j in self.list_jobs()]
+            except (OSError, ValueError) as e:
+                info["jobs_error"] = str(e)
+        return info
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    entry: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, entry = argv[:i], argv[i + 1:]
+    ap = argparse.ArgumentParser(prog="python -m ratray.cluster",
+                                 description="A local single-node Ray head (see module docstring).")
+    ap.add_argument("command", choices=["up", "down", "status", "submit", "env", "logs"])
+    ap.add_argument("job_id", nargs="?", help="for `logs`")
+    ap.add_argument("--port", type=int, default=int(os.environ.get("RATRAY_RAY_PORT", DEFAULT_PORT)))
+    ap.add_argument("--dashboard-port", type=int,
+                    default=int(os.environ.get("RATRAY_RAY_DASHBOARD_PORT", DEFAULT_DASHBOARD_PORT)))
+    ap.add_argument("--num-cpus", type=int, default=2)
+    ap.add_argument("--object-store-memory", type=int, default=None, help="bytes")
+    ap.add_argument("--auth", choices=["token", "disabled"], default=os.environ.get("RATRAY_RAY_AUTH", "token"))
+    ap.add_argument("--working-dir", default=".")
+    ap.add_argument("--runtime-env-json", default=None)
+    ap.add_argument("--no-wait", action="store_true")
+    args = ap.parse_args(argv)
+
+    lr = LocalRay(port=args.port, dashboard_port=args.dashboard_port, auth=args.auth)
+    try:
+        if args.command == "up":
+            print(lr.up(num_cpus=args.num_cpus, object_store_memory=args.object_store_memory))
+            return 0
+        if args.command == "down":
+            lr.down()
+            return 0
+        if args.command == "env":
+            for k, v in lr.env().items():
+                print(f"export {k}={v}")
+            return 0
+        if args.command == "status":
+            info = lr.status()
+            print(json.dumps(info, indent=1))
+            return 0 if info["up"] else 3
+        if args.command == "logs":
+            if not args.job_id:
+                ap.error("logs needs a job id")
+            sys.stdout.write(lr.job_logs(args.job_id))
+            return 0
+        # submit
+        if not entry:
+            ap.error("submit needs an entrypoint after `--`, e.g. submit -- python jobs/x.py")
+        runtime_env = json.loads(args.runtime_env_json) if args.runtime_env_json else None
+        job_id, status = lr.submit(entry, working_dir=args.working_dir, runtime_env=runtime_env,
+                                   follow=not args.no_wait)
+        print(f"ratray: job {job_id} {status}", file=sys.stderr)
+        return 0 if status == "SUCCEEDED" or (args.no_wait and status not in ("FAILED", "STOPPED")) else 1
+    except ClusterError as e:
+        print(f"ratray: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

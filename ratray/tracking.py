@@ -1,0 +1,328 @@
+"""Experiment tracking: MLflow on rank 0, a deliberate no-op everywhere else.
+
+Knows nothing of models: callers hand it plain dicts of params and floats.
+
+- Store: ``tracking_uri(workdir)`` is ``$MLFLOW_TRACKING_URI`` when set, else a SQLite file
+  ``sqlite:///<abs workdir>/mlflow.db`` (MLflow 3 refuses the plain file store by default).
+  Artifacts of experiments created here go to ``<workdir>/mlartifacts`` (absolute), never to the
+  process's current directory — a Ray Train worker's cwd is a throwaway session folder.
+- Telemetry: importing this module sets ``MLFLOW_DISABLE_TELEMETRY=true`` unless the caller already
+  chose a value.
+- Only ``mlflow.MlflowClient`` with explicit run ids is used: no global active run, so it works from
+  a Ray Train rank-0 worker process and from threads.
+- Resume: ``Tracker.start(..., resume=True)`` looks for a run in the experiment tagged
+  ``ratray.run_name=<run_name>`` (newest first, deleted runs ignored) and continues that run (same
+  run id, status set back to RUNNING); metrics logged afterwards append to its history.
+- Params on resume: MLflow forbids changing a logged param. An identical value is skipped; a
+  *changed* value keeps the original param and is recorded as the tag ``resume.<key>`` (tags are
+  mutable, so a later resume overwrites it with the newest value) plus a warning. Nothing crashes.
+- Values are stringified and truncated to MLflow's param limit (6000 chars, tags 8000) with a
+  trailing ``...`` marker.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+log = logging.getLogger(__name__)
+
+RUN_NAME_TAG = "ratray.run_name"
+RESUME_TAG_PREFIX = "resume."
+MAX_PARAM_VAL_LENGTH = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH (3.x)
+MAX_TAG_VAL_LENGTH = 8000  # mlflow.utils.validation.MAX_TAG_VAL_LENGTH
+_PARAMS_PER_BATCH = 100  # MAX_PARAMS_TAGS_PER_BATCH
+_METRICS_PER_BATCH = 1000  # MAX_METRICS_PER_BATCH
+_TRUNC = "..."
+
+
+def tracking_uri(workdir: str | os.PathLike) -> str:
+    """``$MLFLOW_TRACKING_URI`` if set (non-empty), else ``sqlite:///<abs workdir>/mlflow.db``."""
+    env = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if env:
+        return env
+    return f"sqlite:///{Path(workdir).expanduser().resolve() / 'mlflow.db'}"
+
+
+def _truncate(value: Any, limit: int) -> str:
+    s = str(value)
+    return s if len(s) <= limit else s[: limit - len(_TRUNC)] + _TRUNC
+
+
+def flatten_params(params: Mapping[str, Any] | None, prefix: str = "") -> dict[str, str]:
+    """Nested dict → ``{"a.b": "value"}`` with values stringified and truncated to MLflow's limit."""
+    out: dict[str, str] = {}
+    for k, v in (params or {}).items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten_params(v, key + "."))
+        else:
+            out[key] = _truncate(v, MAX_PARAM_VAL_LENGTH)
+    return out
+
+
+def _finite_or_none(value: Any) -> float | None:
+    if value is None:
+        return None
+    try:
+        f = float(value.item() if hasattr(value, "item") else value)
+    except (TypeError, ValueError):
+        log.warning("tracking: skipping non-numeric metric value %r", value)
+        return None
+    return None if math.isnan(f) else f
+
+
+def _chunks(items: list, n: int) -> Iterable[list]:
+    for i in range(0, len(items), n):
+        yield items[i : i + n]
+
+
+def _mlflow_cli() -> str:
+    exe = Path(sys.executable).with_name("mlflow")
+    return str(exe) if exe.exists() else "mlflow"
+
+
+class Tracker:
+    """One MLflow run addressed by id. Create with :meth:`start`."""
+
+    def __init__(self, client, run_id: str, experiment_id: str, uri: str, resumed: bool):
+        self._client = client
+        self._run_id = run_id
+        self._experiment_id = experiment_id
+        self._uri = uri
+        self.resumed = resumed
+        self._ended = False
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def start(cls, workdir: str | os.PathLike, experiment: str, run_name: str,
+              params: Mapping[str, Any] | None = None, tags: Mapping[str, Any] | None = None,
+              resume: bool = True) -> "Tracker":
+        from mlflow import MlflowClient
+
+        uri = tracking_uri(workdir)
+        if uri.startswith("sqlite:///"):
+            Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        client = MlflowClient(tracking_uri=uri)
+
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            artifact_location = None
+            if "://" not in uri or uri.startswith(("sqlite:", "file:")):
+                art = Path(workdir).expanduser().resolve() / "mlartifacts"
+                artifact_location = art.as_uri()
+            try:
+                experiment_id = client.create_experiment(experiment, artifact_location=artifact_location)
+            except Exception:  # created concurrently by another process: use theirs
+                exp = client.get_experiment_by_name(experiment)
+                if exp is None:
+                    raise
+                experiment_id = exp.experiment_id
+        else:
+            experiment_id = exp.experiment_id
+
+        run_id = None
+        if resume:
+            value = run_name.replace("'", "\\'")
+            found = client.search_runs([experiment_id],
+                                       filter_string=f"tags.`{RUN_NAME_TAG}` = '{value}'",
+                                       order_by=["attributes.start_time DESC"], max_results=1)
+            if found:
+                run_id = found[0].info.run_id
+                client.update_run(run_id, status="RUNNING")
+        resumed = run_id is not None
+        if run_id is None:
+            all_tags = {RUN_NAME_TAG: run_name}
+            all_tags.update({str(k): _truncate(v, MAX_TAG_VAL_LENGTH) for k, v in (tags or {}).items()})
+            run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
+            run_id = run.info.run_id
+        tracker = cls(client, run_id, experiment_id, uri, resumed)
+        if resumed and tags:
+            tracker.set_tags(tags)
+        if params:
+            tracker.log_params(params)
+        return tracker
+
+    # -- properties ---------------------------------------------------------------------------
+    @property
+    def run_id(self) -> str:
+        return self._run_id
+
+    @property
+    def experiment_id(self) -> str:
+        return self._experiment_id
+
+    @property
+    def uri(self) -> str:
+        return self._uri
+
+    @property
+    def enabled(self) -> bool:
+        return True
+
+    # -- logging ------------------------------------------------------------------------------
+    def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
+        """Log a batch at ``step``; None/NaN (and non-numeric) values are skipped, never raised."""
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        batch = []
+        for k, v in metrics.items():
+            f = _finite_or_none(v)
+            if f is not None:
+                batch.append(Metric(str(k), f, ts, int(step)))
+        for part in _chunks(batch, _METRICS_PER_BATCH):
+            self._client.log_batch(self._run_id, metrics=part)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Flatten + log. Re-logging an identical value is a no-op; a changed value (resume with a
+        new config) keeps the original param and is recorded as the tag ``resume.<key>``."""
+        from mlflow.entities import Param
+
+        flat = flatten_params(params)
+        existing = self._client.get_run(self._run_id).data.params
+        new, changed = [], {}
+        for k, v in flat.items():
+            if k not in existing:
+                new.append(Param(k, v))
+            elif existing[k] != v:
+                changed[RESUME_TAG_PREFIX + k] = v
+        for part in _chunks(new, _PARAMS_PER_BATCH):
+            self._client.log_batch(self._run_id, params=part)
+        if changed:
+            log.warning("tracking: %d param(s) differ from the resumed run; recorded as tags %s",
+                        len(changed), ", ".join(sorted(changed)[:5]))
+            self.set_tags(changed)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(str(k), _truncate(v, MAX_TAG_VAL_LENGTH)) for k, v in tags.items()]
+        for part in _chunks(items, _PARAMS_PER_BATCH):
+            self._client.log_batch(self._run_id, tags=part)
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        self._client.log_artifact(self._run_id, str(path), artifact_path)
+
+    def log_dict(self, obj: Any, name: str) -> None:
+        """``name`` is the artifact file (``.json`` or ``.yaml``/``.yml`` picks the format)."""
+        self._client.log_dict(self._run_id, obj, name)
+
+    def end(self, status: str = "FINISHED") -> None:
+        if status not in ("FINISHED", "FAILED", "KILLED"):
+            raise ValueError(f"status must be FINISHED|FAILED|KILLED, got {status!r}")
+        self._client.set_terminated(self._run_id, status=status)
+        self._ended = True
+
+    def ui_command(self, port: int = 5000) -> str:
+        """The shell command that opens the MLflow UI on this store."""
+        if self._uri.startswith(("http://", "https://")):
+            return f"{shlex.quote(sys.executable)} -m webbrowser {shlex.quote(self._uri)}"
+        return (f"MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false {shlex.quote(_mlflow_cli())} ui "
+                f"--backend-store-uri {shlex.quote(self._uri)} --host 127.0.0.1 --port {port}")
+
+    def run_url(self, port: int = 5000) -> str:
+        base = self._uri if self._uri.startswith(("http://", "https://")) else f"http://127.0.0.1:{port}"
+        return f"{base.rstrip('/')}/#/experiments/{self._experiment_id}/runs/{self._run_id}"
+
+    def __enter__(self) -> "Tracker":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self._ended:
+            self.end("FAILED" if exc_type is not None else "FINISHED")
+
+
+class NullTracker:
+    """Same interface as :class:`Tracker`, does nothing (ranks ≠ 0). Touches no store."""
+
+    run_id = None
+    experiment_id = None
+    uri = None
+    resumed = False
+    enabled = False
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
+        pass
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        pass
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        pass
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_dict(self, obj: Any, name: str) -> None:
+        pass
+
+    def end(self, status: str = "FINISHED") -> None:
+        pass
+
+    def ui_command(self, port: int = 5000) -> str:
+        return ""
+
+    def run_url(self, port: int = 5000) -> str:
+        return ""
+
+    def __enter__(self) -> "NullTracker":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        pass
+
+
+def make_tracker(rank: int, workdir: str | os.PathLike, experiment: str, run_name: str,
+                 params: Mapping[str, Any] | None = None, tags: Mapping[str, Any] | None = None,
+                 resume: bool = True) -> Tracker | NullTracker:
+    """A real :class:`Tracker` on rank 0, a :class:`NullTracker` on every other rank."""
+    if rank != 0:
+        return NullTracker()
+    return Tracker.start(workdir, experiment, run_name, params=params, tags=tags, resume=resume)
+
+
+def plot_curves(history: Mapping[str, Iterable[tuple[int, float]]], path: str | os.PathLike,
+                title: str = "", xlabel: str = "step", ylabel: str = "value",
+                logy: bool = False) -> Path:
+    """Write a PNG of each series (``name -> [(step, value), ...]``) against step; returns the path.
+
+    NaN/None points are dropped; an empty series still gets a legend entry.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    try:
+        for name, points in history.items():
+            pts = [(int(s), f) for s, v in points if (f := _finite_or_none(v)) is not None]
+            pts.sort()
+            xs = [p[0] for p in pts]
+            ys = [p[1] for p in pts]
+            ax.plot(xs, ys, marker="o" if len(xs) <= 30 else None, markersize=3,
+                    linewidth=1.5, label=str(name))
+        if logy:
+            ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        if title:
+            ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+        if history:
+            ax.legend(loc="best")
+        fig.tight_layout()
+        fig.savefig(out, format="png")
+    finally:
+        plt.close(fig)
+    return out
