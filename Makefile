@@ -30,6 +30,10 @@ $(STAMP): pyproject.toml constraints.txt
 test: venv
 	$(PY) -m pytest -q -p no:cacheprovider --durations=15
 
+# A local Ray head, the index build and the RETRO job through `ray job submit`, the result printed.
+demo: venv
+	bash cluster/demo.sh
+
 # Build the chunk store, embeddings and a sharded index over a capped stdlib corpus.
 build-index: venv
 	$(PY) jobs/build_index.py --workdir $(WORKDIR) --set corpus.max_docs=150

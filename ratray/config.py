@@ -259,3 +259,64 @@ def add_config_args(parser) -> None:
     parser.add_argument("--config", default=None, help="YAML config file (see configs/)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config key, e.g. --set index.shards=4 (repeatable)")
+
+
+# ---------------------------------------------------------------------------------------------
+# training (RETRO / baseline)
+
+
+@dataclass
+class TrainConfig:
+    run_name: str = "retro-demo"  # Ray Train run name: re-running with the same name resumes
+    steps: int = 200  # optimizer steps
+    micro_batch: int = 4  # sequences per worker per micro-step
+    grad_accum: int = 1  # micro-steps per optimizer step
+    lr: float = 1e-3  # peak learning rate (AdamW)
+    min_lr: float = 1e-4  # cosine floor
+    warmup_steps: int = 20  # linear warmup, then cosine to min_lr at `steps`
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    zero_stage: int = 2  # DeepSpeed ZeRO stage 0..3
+    precision: str = "fp32"  # fp32 | bf16 (fp16 is refused by DeepSpeed on CPU)
+    deepspeed_config: str | None = None  # JSON/YAML file merged over the generated DeepSpeed config
+    num_workers: int = 2  # Ray Train workers
+    use_gpu: bool = False  # one GPU per worker, NCCL
+    cpus_per_worker: float = 1.0
+    checkpoint_every: int = 50  # steps between checkpoints (and one at the end)
+    keep_checkpoints: int = 2
+    max_failures: int = 0  # Ray Train FailureConfig retries (a retry resumes from the checkpoint)
+    log_every: int = 10  # steps between metric reports
+    eval_every: int = 0  # steps between validation passes during training; 0 = only at the end
+    eval_sequences: int = 64  # validation sequences per evaluation (0 = all)
+    retrieval: str = "precomputed"  # precomputed | online (async, prefetched one batch ahead)
+    seed: int = 0
+    storage_path: str | None = None  # Ray Train storage; default <workdir>/ray_results
+
+    def __post_init__(self) -> None:
+        _check(self.steps > 0, "train.steps", "must be > 0")
+        _check(self.micro_batch > 0, "train.micro_batch", "must be > 0")
+        _check(self.grad_accum > 0, "train.grad_accum", "must be > 0")
+        _check(self.lr > 0 and 0 <= self.min_lr <= self.lr, "train.lr", "need 0 <= min_lr <= lr, lr > 0")
+        _check(0 <= self.warmup_steps <= self.steps, "train.warmup_steps", "must be in [0, steps]")
+        _check(self.zero_stage in (0, 1, 2, 3), "train.zero_stage", "must be 0, 1, 2 or 3")
+        _check(self.precision in ("fp32", "bf16"), "train.precision",
+               "must be fp32|bf16 (fp16 is not supported by DeepSpeed on CPU)")
+        _check(self.num_workers > 0, "train.num_workers", "must be > 0")
+        _check(self.checkpoint_every > 0, "train.checkpoint_every", "must be > 0")
+        _check(self.retrieval in ("precomputed", "online"), "train.retrieval", "must be precomputed|online")
+        _check(self.max_failures >= -1, "train.max_failures", "must be >= -1 (-1 = retry forever)")
+
+
+@dataclass
+class RetroJobConfig(BuildConfig):
+    model_type: str = "retro"  # retro | baseline (same decoder, no CCA, no encoder)
+    # RETRO model fields (ratray.models.retro.RetroConfig documents each; vocab_size, pad_id and
+    # chunk_size come from the chunk store)
+    model: dict = field(default_factory=dict)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    experiment: str = "ratray-retro"  # MLflow experiment
+
+    def __post_init__(self) -> None:
+        _check(self.model_type in ("retro", "baseline"), "model_type", "must be retro|baseline")

@@ -89,6 +89,14 @@ def _mlflow_cli() -> str:
     return str(exe) if exe.exists() else "mlflow"
 
 
+def ui_command(uri: str, port: int = 5000) -> str:
+    """The shell command that opens the MLflow UI on the store at `uri`."""
+    if uri.startswith(("http://", "https://")):
+        return f"{shlex.quote(sys.executable)} -m webbrowser {shlex.quote(uri)}"
+    return (f"MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false {shlex.quote(_mlflow_cli())} ui "
+            f"--backend-store-uri {shlex.quote(uri)} --host 127.0.0.1 --port {port}")
+
+
 class Tracker:
     """One MLflow run addressed by id. Create with :meth:`start`."""
 
@@ -223,10 +231,7 @@ class Tracker:
 
     def ui_command(self, port: int = 5000) -> str:
         """The shell command that opens the MLflow UI on this store."""
-        if self._uri.startswith(("http://", "https://")):
-            return f"{shlex.quote(sys.executable)} -m webbrowser {shlex.quote(self._uri)}"
-        return (f"MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false {shlex.quote(_mlflow_cli())} ui "
-                f"--backend-store-uri {shlex.quote(self._uri)} --host 127.0.0.1 --port {port}")
+        return ui_command(self._uri, port)
 
     def run_url(self, port: int = 5000) -> str:
         base = self._uri if self._uri.startswith(("http://", "https://")) else f"http://127.0.0.1:{port}"

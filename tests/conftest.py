@@ -22,3 +22,21 @@ def ray_session():
                  log_to_driver=False, object_store_memory=512 * 1024 * 1024)
     yield ray
     ray.shutdown()
+
+
+SMALL_BUILD = ["corpus.max_docs=40", "corpus.max_bytes=90000", "corpus.val_fraction=0.2", "chunks.chunk_tokens=32",
+               "chunks.vocab_size=2048", "index.factory=Flat", "index.shards=2",
+               "index.recall_queries=50"]
+
+
+@pytest.fixture(scope="session")
+def small_workdir(ray_session, tmp_path_factory):
+    """A workdir with a chunk store (32-token chunks), embeddings and a 2-shard Flat index built
+    from the first ~90 KB of stdlib modules: shared by the build, neighbour and training tests."""
+    from ratray.build import build
+    from ratray.config import BuildConfig, load_config
+
+    wd = tmp_path_factory.mktemp("small")
+    cfg = load_config(BuildConfig, None, SMALL_BUILD + [f"workdir={wd}"])
+    summary = build(cfg, progress=False)
+    return wd, cfg, summary

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# `make demo`: a local single-node Ray head, the index build and the RETRO job submitted with
+# `ray job submit`, progress streamed, the result printed, and the Ray it started stopped again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=.venv/bin/python
+WORKDIR="${WORKDIR:-$PWD/work}"
+CONFIG="${CONFIG:-configs/demo.yaml}"
+RUN_NAME="${RUN_NAME:-retro-demo}"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
+export MLFLOW_DISABLE_TELEMETRY=true RAY_USAGE_STATS_ENABLED=0
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.torch_extensions}"
+
+started=0
+cleanup() { if [ "$started" = 1 ]; then echo "== stopping the local Ray head"; cluster/local.sh down || true; fi; }
+trap cleanup EXIT
+
+echo "== starting a local Ray head (dashboard and job API on 127.0.0.1:8265, token auth)"
+cluster/local.sh up --num-cpus "$(nproc)"
+started=1
+
+echo "== building the chunk store, embeddings and index (reused when unchanged)"
+cluster/local.sh submit --working-dir . -- python jobs/build_index.py --workdir "$WORKDIR" --config "$CONFIG" --quiet
+
+echo "== training RETRO (Ray Train + DeepSpeed workers, online retrieval from the shard actors)"
+cluster/local.sh submit --working-dir . -- python jobs/retro_pretrain.py --workdir "$WORKDIR" --config "$CONFIG" --run-name "$RUN_NAME" --quiet
+
+$PY jobs/show_run.py --workdir "$WORKDIR" --run-name "$RUN_NAME"

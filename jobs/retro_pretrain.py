@@ -1,0 +1,60 @@
+"""Pretrain RETRO (or the baseline) with Ray Train + DeepSpeed workers and sharded index actors.
+
+    python jobs/retro_pretrain.py --workdir work [--config configs/demo.yaml] [--set train.steps=100]
+    ray job submit --working-dir . -- python jobs/retro_pretrain.py --workdir $PWD/work
+
+Needs an index built by jobs/build_index.py in the same workdir (--build-index builds it first).
+Re-running with the same --run-name resumes from its last checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ratray.config import ConfigError, RetroJobConfig, add_config_args, load_config  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--corpus", default=None, help="corpus for --build-index (default: stdlib source)")
+    p.add_argument("--workdir", default=None, help="folder with the index; runs land in <workdir>/runs")
+    p.add_argument("--model", dest="model_type", choices=["retro", "baseline"], default=None)
+    p.add_argument("--run-name", default=None, help="Ray Train run name (same name = resume)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (train.steps)")
+    p.add_argument("--retrieval", choices=["precomputed", "online"], default=None)
+    p.add_argument("--build-index", action="store_true", help="build the index first if needed")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_config_args(p)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        job = load_config(RetroJobConfig, a.config, a.overrides, extra={
+            "corpus.path": a.corpus, "workdir": a.workdir, "model_type": a.model_type,
+            "train.run_name": a.run_name, "train.steps": a.steps, "train.retrieval": a.retrieval})
+        from ratray.train.retro import resolve, run
+
+        if a.build_index:
+            from ratray.build import build
+
+            build(job, progress=not a.quiet)
+        resolve(job)  # every config check, before any work
+        s = run(job, progress=not a.quiet)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from ratray.train.retro import format_summary
+
+    print(format_summary(s))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,271 @@
+"""RETRO neighbours: for each chunk of a training sequence, its k nearest database chunks and their
+continuations, with the leakage filter applied.
+
+    split chunks ─► sequences (s, l) chunk ids ─► query vectors (embedding cache)
+        ─► ShardedIndex.search(q, K) ─► leakage filter (drop chunks of any document in the
+           query's sequence) ─► top-k ids (s, l, k) ─► tokens [N, F] (s, l, k, 2m)
+
+Two modes give identical neighbours because both run the same search and the same filter:
+- precomputed: `precompute_neighbours` searches every sequence once and stores the ids next to the
+  chunk store (reused across runs);
+- online: `NeighbourFetcher.request` issues the search asynchronously (the next batch's neighbours are
+  in flight while the current batch computes) and `.result()` applies the filter.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ratray.data.chunks import ChunkStore
+
+CANDIDATE_FACTOR = 2  # first search asks for k * factor + (chunks per sequence) candidates
+
+# ---------------------------------------------------------------------------------------------
+# sequences
+
+
+def sequence_layout(store: ChunkStore, split: str, seq_chunks: int) -> np.ndarray:
+    """(s, l) chunk ids of `split`, `l = seq_chunks` consecutive chunks per sequence, -1 = empty slot.
+
+    Chunks are taken in store order (documents stay contiguous); a sequence may hold the end of one
+    document and the start of the next, but a chunk never straddles two. The last sequence is padded
+    with empty slots, so no chunk is dropped.
+    """
+    ids = store.split_ids(split)
+    s = -(-len(ids) // seq_chunks)
+    out = np.full(s * seq_chunks, -1, np.int64)
+    out[: len(ids)] = ids
+    return out.reshape(s, seq_chunks)
+
+
+class DocCodes:
+    """Document ids as dense int codes, so the leakage filter is vectorised numpy."""
+
+    def __init__(self, store: ChunkStore):
+        doc = store.doc_ids(np.arange(len(store)))
+        _, codes = np.unique(doc.astype(str), return_inverse=True)
+        self.of_chunk = codes.astype(np.int64)  # (N,)
+
+    def of(self, ids: np.ndarray) -> np.ndarray:
+        """Chunk ids (any shape, -1 allowed) → doc codes, -1 for empty slots."""
+        out = np.full(ids.shape, -1, np.int64)
+        ok = ids >= 0
+        out[ok] = self.of_chunk[ids[ok]]
+        return out
+
+
+def excluded_docs(layout: np.ndarray, docs: DocCodes) -> np.ndarray:
+    """(s, l) sequences → (s*l, l) doc codes each chunk must not retrieve from: every document of its
+    own sequence (RETRO's leakage filter; -1 entries match nothing)."""
+    seq_docs = docs.of(layout)  # (s, l)
+    return np.repeat(seq_docs, layout.shape[1], axis=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# the leakage filter
+
+
+def filter_candidates(cand: np.ndarray, dist: np.ndarray, exclude: np.ndarray, docs: DocCodes,
+                      k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Keep each row's first k candidates (in rank order) not from an excluded document.
+
+    cand, dist (q, K); exclude (q, E) doc codes. Returns ids (q, k), dists (q, k), short (q,) bool —
+    rows with fewer than k admissible candidates (their missing slots are -1 / inf).
+    """
+    cdoc = docs.of(cand)  # (q, K)
+    bad = (cand < 0) | (cdoc[:, :, None] == np.where(exclude >= 0, exclude, -2)[:, None, :]).any(-1)
+    order = np.argsort(bad, axis=1, kind="stable")[:, :k]  # admissible first, rank order kept
+    ids = np.take_along_axis(cand, order, 1)
+    d = np.take_along_axis(dist, order, 1).astype(np.float32)
+    miss = np.take_along_axis(bad, order, 1)
+    ids[miss], d[miss] = -1, np.inf
+    return ids, d, miss.any(1)
+
+
+def search_filtered(index, queries: np.ndarray, exclude: np.ndarray, docs: DocCodes, k: int,
+                    first=None) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k admissible neighbours; widens the search for rows the filter left short.
+
+    `first` is an already-issued search result for (queries, K0) (the async path passes it in).
+    """
+    ntotal = index.ntotal
+    K = min(ntotal, k * CANDIDATE_FACTOR + exclude.shape[1])
+    res = first if first is not None else index.search(queries, K)
+    ids, d, short = filter_candidates(res.ids, res.distances, exclude, docs, k)
+    K = res.ids.shape[1]
+    while short.any() and K < ntotal:
+        K = min(ntotal, K * 4)
+        rows = np.flatnonzero(short)
+        r = index.search(queries[rows], K)
+        ids[rows], d[rows], short_rows = filter_candidates(r.ids, r.distances, exclude[rows], docs, k)
+        short[rows] = short_rows
+    return ids, d
+
+
+# ---------------------------------------------------------------------------------------------
+# neighbour tokens: [N, F] = neighbour chunk + its continuation
+
+
+def neighbour_tokens(store: ChunkStore, nbr: np.ndarray) -> np.ndarray:
+    """Neighbour ids (..., k) → tokens (..., k, 2m): the chunk and its continuation, pad-filled."""
+    m = store.chunk_tokens
+    pad = store.tokenizer.pad_id
+    flat = nbr.reshape(-1)
+    out = np.full((len(flat), 2 * m), pad, np.int32)
+    ok = flat >= 0
+    if ok.any():
+        out[ok, :m] = store.tokens(flat[ok], pad_to=m)
+        cont = np.full(len(flat), -1, np.int64)
+        cont[ok] = store.continuation(flat[ok])
+        has = cont >= 0
+        if has.any():
+            out[has, m:] = store.tokens(cont[has], pad_to=m)
+    return out.reshape(*nbr.shape, 2 * m)
+
+
+# ---------------------------------------------------------------------------------------------
+# query vectors: the retriever embedding of every chunk, aligned with chunk ids
+
+
+def ensure_chunk_vectors(store: ChunkStore, embed_cfg, cache_root, out_dir, progress: bool = True) -> Path:
+    """Write (once) an (N, d) float32 .npy of every chunk's retriever embedding, row = chunk id.
+
+    Vectors come from the embedding cache (the index build already embedded the train chunks), so
+    only chunks never seen before (validation chunks) reach the encoder. Workers memory-map it.
+    """
+    from ratray.retrieval.embed import embed_with_cache, model_id
+
+    path = Path(out_dir) / f"chunk-vectors-{store.key[:16]}-{model_id(embed_cfg.model)}.npy"
+    if path.is_file():
+        return path
+    vecs, _ = embed_with_cache(store.texts(np.arange(len(store))), embed_cfg, cache_root, progress=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, vecs)
+    tmp.rename(path)
+    return path
+
+
+class ChunkVectors:
+    """Memory-mapped chunk embeddings; `[ids]` with -1 entries gives zero rows."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.array = np.load(self.path, mmap_mode="r")
+
+    def __getitem__(self, ids: np.ndarray) -> np.ndarray:
+        out = np.zeros((len(ids), self.array.shape[1]), np.float32)
+        ok = ids >= 0
+        out[ok] = self.array[ids[ok]]
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# precomputed mode
+
+
+@dataclass
+class NeighbourTable:
+    """Precomputed neighbours of one split: ids (s, l, k) and distances, aligned with the layout."""
+
+    layout: np.ndarray  # (s, l) chunk ids
+    ids: np.ndarray  # (s, l, k) neighbour chunk ids, -1 for empty slots
+    distances: np.ndarray  # (s, l, k)
+    path: Path | None = None
+    reused: bool = False
+
+
+def _table_path(store: ChunkStore, index_manifest, split: str, seq_chunks: int, k: int) -> Path:
+    ident = json.dumps({"index": index_manifest.chunk_store, "factory": index_manifest.factory,
+                        "version": index_manifest.version, "model": index_manifest.embedding_model,
+                        "created": index_manifest.created, "split": split, "l": seq_chunks, "k": k},
+                       sort_keys=True)
+    h = hashlib.sha256(ident.encode()).hexdigest()[:16]
+    return store.path / "neighbours" / f"{split}-l{seq_chunks}-k{k}-{h}.parquet"
+
+
+def precompute_neighbours(store: ChunkStore, index, split: str, seq_chunks: int, k: int,
+                          vectors: ChunkVectors, batch: int = 1024, progress: bool = True,
+                          in_flight: int = 2) -> NeighbourTable:
+    """Search every chunk of `split` once through the shard actors; store and reuse the result."""
+    from tqdm.auto import tqdm
+
+    from ratray.retrieval.index import load_manifest
+
+    manifest = load_manifest(index.index_dir)
+    path = _table_path(store, manifest, split, seq_chunks, k)
+    layout = sequence_layout(store, split, seq_chunks)
+    if path.is_file():
+        t = pq.read_table(path)
+        ids = np.stack(t.column("neighbours").to_numpy(zero_copy_only=False)).astype(np.int64)
+        dist = np.stack(t.column("distances").to_numpy(zero_copy_only=False)).astype(np.float32)
+        return NeighbourTable(layout, ids.reshape(*layout.shape, k), dist.reshape(*layout.shape, k),
+                              path, reused=True)
+    docs = DocCodes(store)
+    flat = layout.reshape(-1)
+    excl = excluded_docs(layout, docs)
+    ids = np.full((len(flat), k), -1, np.int64)
+    dist = np.full((len(flat), k), np.inf, np.float32)
+    live = np.flatnonzero(flat >= 0)
+    K = min(index.ntotal, k * CANDIDATE_FACTOR + seq_chunks)
+    starts = list(range(0, len(live), batch))
+    pending: list = []  # (rows, queries, future): a few searches in flight at once
+    with tqdm(total=len(live), desc=f"neighbours[{split}]", unit="chunk", disable=not progress) as bar:
+        for i, s in enumerate(starts + [None] * in_flight):
+            if s is not None:
+                rows = live[s: s + batch]
+                q = vectors[flat[rows]]
+                pending.append((rows, q, index.search_async(q, K)))
+            if len(pending) > in_flight or (s is None and pending):
+                rows, q, fut = pending.pop(0)
+                ids[rows], dist[rows] = search_filtered(index, q, excl[rows], docs, k, first=fut.result())
+                bar.update(len(rows))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    pq.write_table(pa.table({"chunk_id": flat, "neighbours": list(ids), "distances": list(dist)}), tmp)
+    tmp.rename(path)
+    return NeighbourTable(layout, ids.reshape(*layout.shape, k), dist.reshape(*layout.shape, k), path)
+
+
+# ---------------------------------------------------------------------------------------------
+# online mode
+
+
+class NeighbourFetcher:
+    """Online retrieval for training batches: `request(seq_idx)` returns at once with a handle whose
+    `.result()` gives (ids (b, l, k), wait seconds, search latency seconds)."""
+
+    def __init__(self, store: ChunkStore, index, layout: np.ndarray, k: int, vectors: ChunkVectors):
+        self.store, self.index, self.layout, self.k, self.vectors = store, index, layout, k, vectors
+        self.docs = DocCodes(store)
+        self.excl = excluded_docs(layout, self.docs).reshape(*layout.shape, -1)
+        self.K = min(index.ntotal, k * CANDIDATE_FACTOR + layout.shape[1])
+
+    def request(self, seq_idx: np.ndarray) -> "_Pending":
+        flat = self.layout[seq_idx].reshape(-1)
+        q = self.vectors[flat]
+        return _Pending(self, seq_idx, q, self.index.search_async(q, self.K), time.perf_counter())
+
+
+class _Pending:
+    def __init__(self, f: NeighbourFetcher, seq_idx, q, fut, t0):
+        self.f, self.seq_idx, self.q, self.fut, self.t0 = f, seq_idx, q, fut, t0
+
+    def result(self) -> tuple[np.ndarray, float, float]:
+        f = self.f
+        t = time.perf_counter()
+        first = self.fut.result()
+        wait = time.perf_counter() - t
+        excl = f.excl[self.seq_idx].reshape(len(self.q), -1)
+        ids, _ = search_filtered(f.index, self.q, excl, f.docs, f.k, first=first)
+        flat = f.layout[self.seq_idx].reshape(-1)
+        ids[flat < 0] = -1  # empty slots retrieve nothing
+        latency = time.perf_counter() - self.t0
+        return ids.reshape(len(self.seq_idx), f.layout.shape[1], f.k), wait, latency

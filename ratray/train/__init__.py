@@ -1,0 +1,1 @@
+"""Training: the one place where models and retrieval meet (Ray Train + DeepSpeed)."""

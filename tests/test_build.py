@@ -1,0 +1,68 @@
+"""The build job end to end: corpus → chunk store → embeddings → sharded index → summary.json."""
+import json
+
+import numpy as np
+import pytest
+
+from jobs.build_index import main as build_main
+from ratray.data.chunks import ChunkStore
+from ratray.retrieval.index import load_manifest, load_shard
+from tests.conftest import SMALL_BUILD
+
+
+@pytest.fixture(scope="module")
+def built(small_workdir):
+    wd, _, first = small_workdir
+    argv = ["--workdir", str(wd), "--quiet"] + [a for s in SMALL_BUILD for a in ("--set", s)]
+    assert build_main(argv) == 0  # the job again, on the same inputs
+    second = json.loads((wd / "index" / "summary.json").read_text())
+    return wd, first, second
+
+
+def test_summary_counts_timings_and_recall(built):
+    wd, s, _ = built
+    c = s["counts"]
+    assert c["index_vectors"] == c["chunks"]["train"] > 0
+    assert c["documents"]["val"] > 0
+    assert s["recall"]["recall@10"] == 1.0  # Flat is exact
+    assert s["recall"]["query_split"] == "val"
+    for k in ("chunk_store_s", "embed_s", "index_build_s", "recall_s", "total_s"):
+        assert s["timings"][k] >= 0
+    assert isinstance(s["skipped"], dict)
+    assert s["config"]["index.shards"] == 2
+
+
+def test_index_dir_is_self_describing(built):
+    wd, s, _ = built
+    m = load_manifest(wd / "index")
+    assert m.factory == "Flat" and m.metric == "l2" and m.dim == 384
+    assert len(m.shards) == 2 and sum(sh["size"] for sh in m.shards) == m.ntotal
+    store = ChunkStore.open(s["chunk_store"]["path"])
+    assert m.chunk_store == store.key
+    ids = np.concatenate([load_shard(wd / "index", i, m)[1] for i in range(2)])
+    # the database holds exactly the training chunks, each once
+    assert np.array_equal(np.sort(ids), store.split_ids("train"))
+
+
+def test_rebuild_reuses_chunks_embeddings_and_index(built):
+    _, first, second = built
+    assert first["embeddings"]["embedded"] > 0
+    assert second["chunk_store"]["reused"] is True
+    assert second["embeddings"]["embedded"] == 0
+    assert second["embeddings"]["cached"] == first["embeddings"]["chunks"]
+    assert second["index"]["reused"] is True
+
+
+def test_bad_corpus_fails_with_file_and_row(tmp_path, capsys):
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text('{"id": 1, "text": "fine"}\n{"id": 2, "body": "no text field"}\n')
+    rc = build_main(["--corpus", str(corpus), "--workdir", str(tmp_path / "wd"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "docs.jsonl" in err and "2" in err and "text" in err
+
+
+def test_bad_flag_value_fails_before_any_work(tmp_path, capsys):
+    rc = build_main(["--workdir", str(tmp_path / "wd"), "--shards", "0"])
+    assert rc == 2 and "index.shards" in capsys.readouterr().err
+    assert not (tmp_path / "wd").exists()

@@ -1,0 +1,246 @@
+"""FAISS shards on disk: factory resolution and clamping, exact merge, recall, manifest, errors.
+
+Real FAISS indexes over realistic vectors: a seeded Gaussian mixture of L2-normalised 384-d
+vectors whose within-cluster spread decays like a real embedding spectrum. Chunk ids are not
+row numbers (`arange(n) * 3 + 7`) so that every test also checks the row -> id mapping.
+"""
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+
+from ratray.config import IndexConfig
+from ratray.retrieval.index import (IndexBuildError, Manifest, build_index, exact_search,
+                                    load_manifest, load_shard, merge_topk, recall_at_k,
+                                    resolve_factory, search_shards)
+
+import faiss  # noqa: E402  (after ratray.retrieval.index, which sets OMP_WAIT_POLICY first)
+
+DIM = 384
+
+
+def mixture(n: int, dim: int = DIM, clusters: int = 40, seed: int = 0) -> np.ndarray:
+    """(n, dim) float32 unit vectors: cluster centre + anisotropic noise (spectrum ~ 1/i)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, dim))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    rot, _ = np.linalg.qr(rng.standard_normal((dim, dim)))
+    scale = 1.0 / np.arange(1, dim + 1)
+    scale *= 0.6 / np.linalg.norm(scale)
+    x = centres[rng.integers(0, clusters, n)] + (rng.standard_normal((n, dim)) * scale) @ rot.T
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def chunk_ids(n: int) -> np.ndarray:
+    return np.arange(n, dtype=np.int64) * 3 + 7
+
+
+def brute_force(vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int, metric: str):
+    """Reference top-k in float64 numpy, pair by pair: (distance, then chunk id) order."""
+    v = vectors.astype(np.float64)
+    D, I = [], []
+    for q in queries.astype(np.float64):
+        key = ((v - q) ** 2).sum(-1) if metric == "l2" else -(v * q).sum(-1)  # (n,)
+        order = np.lexsort((ids, key))[:k]
+        D.append(key[order] if metric == "l2" else -key[order])
+        I.append(ids[order])
+    return np.array(D), np.array(I)
+
+
+@pytest.fixture(scope="module")
+def data():
+    x = mixture(6_200)
+    return x[:6_000], chunk_ids(6_000), x[6_000:]  # database, ids, held-out queries
+
+
+# ---------------------------------------------------------------------------------------------
+# factory strings
+
+
+def test_auto_factory_scales_with_corpus_size():
+    assert resolve_factory("auto", 5_000, DIM) == "Flat"
+    mid = resolve_factory("auto", 300_000, DIM, n_train=50_000)
+    nlist = int(mid.split(",")[0][3:])
+    assert mid.endswith(",Flat") and nlist * 39 <= 50_000 and nlist > 100
+    big = resolve_factory("auto", 5_000_000, DIM, n_train=50_000)
+    assert big.startswith("IVF") and ",PQ" in big
+    m = int(big.split("PQ")[1])
+    assert DIM % m == 0 and m == DIM // 4
+
+
+def test_oversized_templates_are_clamped(caplog):
+    with caplog.at_level(logging.WARNING, logger="ratray.retrieval.index"):
+        assert resolve_factory("IVF65536,Flat", 10_000, DIM) == "IVF256,Flat"
+    assert "IVF65536" in caplog.text
+    assert resolve_factory("IVF16,PQ48", 3_000, DIM) == "IVF16,PQ48x6"  # 3000/39 -> 76 codes
+    assert resolve_factory("OPQ16,IVF4096,PQ16", 20_000, DIM) == "OPQ16,IVF512,PQ16"
+    assert resolve_factory("IVF64,PQ16x4fs", 20_000, DIM) == "IVF64,PQ16x4fs"  # untouched
+    assert resolve_factory("HNSW32", 10, DIM) == "HNSW32"
+
+
+def test_clamped_template_builds_on_a_small_corpus(tmp_path):
+    x = mixture(10_000, seed=3)
+    cfg = IndexConfig(factory="IVF65536,Flat", shards=2, recall_queries=50)
+    m = build_index(x, chunk_ids(10_000), tmp_path / "idx", cfg, embedding_model="test")
+    assert (m.factory_requested, m.factory) == ("IVF65536,Flat", "IVF256,Flat")
+    assert m.ntotal == 10_000 and 1 <= m.nprobe <= 256
+    assert m.extra["recall_at_10"] >= 0.9
+
+
+def test_auto_on_10k_builds(tmp_path):
+    x = mixture(10_000, seed=4)
+    m = build_index(x, chunk_ids(10_000), tmp_path / "idx", IndexConfig(shards=2), "test")
+    assert m.factory_requested == "auto" and m.factory == "Flat" and m.ntotal == 10_000
+
+
+@pytest.mark.parametrize("factory, needle", [("IVF10,Bogus", "Bogus"), ("IVF16,PQ50", "multiple"),
+                                              ("NotAnIndex", "NotAnIndex")])
+def test_bad_factory_is_a_clear_one_line_error(tmp_path, data, factory, needle):
+    x, ids, _ = data
+    with pytest.raises(IndexBuildError) as e:
+        build_index(x[:500], ids[:500], tmp_path / "idx", IndexConfig(factory=factory), "test")
+    msg = str(e.value)
+    assert factory in msg and needle in msg and "\n" not in msg
+    assert not (tmp_path / "idx").exists()
+
+
+def test_bad_inputs_are_rejected(tmp_path, data):
+    x, ids, _ = data
+    cfg = IndexConfig(factory="Flat")
+    with pytest.raises(IndexBuildError, match="ids shape"):
+        build_index(x[:100], ids[:99], tmp_path / "a", cfg, "test")
+    with pytest.raises(IndexBuildError, match="unique"):
+        build_index(x[:100], np.zeros(100, np.int64), tmp_path / "a", cfg, "test")
+    with pytest.raises(IndexBuildError, match="shape"):
+        build_index(x[0], ids[:1], tmp_path / "a", cfg, "test")
+
+
+# ---------------------------------------------------------------------------------------------
+# build, manifest, load
+
+
+def test_manifest_round_trips_and_names_plain_faiss_files(tmp_path, data):
+    x, ids, _ = data
+    out = tmp_path / "idx"
+    m = build_index(x, ids, out, IndexConfig(factory="Flat", shards=3), "minilm", "store-key")
+    assert Manifest.from_json(m.to_json()) == m == load_manifest(out)
+    raw = json.loads((out / "manifest.json").read_text())
+    assert {"version", "factory", "factory_requested", "metric", "dim", "embedding_model", "ntotal",
+            "nprobe", "ef_search", "chunk_store", "shards", "created"} <= raw.keys()
+    assert (m.dim, m.ntotal, m.num_shards, m.chunk_store) == (DIM, 6_000, 3, "store-key")
+    got_ids = []
+    for s in m.shards:
+        index = faiss.read_index(str(out / s["file"]))  # plain FAISS, no ratray needed
+        assert index.ntotal == s["size"] and index.d == DIM
+        got_ids.append(np.load(out / s["ids"]))
+    assert np.array_equal(np.concatenate(got_ids), ids)  # contiguous shards, ids preserved
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["manifest.json"] + [s["file"] for s in m.shards] + [s["ids"] for s in m.shards])
+
+
+def test_rebuild_replaces_the_directory_atomically(tmp_path, data):
+    x, ids, _ = data
+    out = tmp_path / "idx"
+    build_index(x, ids, out, IndexConfig(factory="Flat", shards=3), "test", version=1)
+    m2 = build_index(x[:1000], ids[:1000], out, IndexConfig(factory="Flat", shards=2), "test",
+                     version=2)
+    assert load_manifest(out).version == 2 and m2.num_shards == 2
+    assert not (out / "shard_2.faiss").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["idx"]  # no temp or old dirs left over
+
+
+def test_missing_or_corrupt_files_name_the_file(tmp_path, data):
+    x, ids, _ = data
+    with pytest.raises(IndexBuildError, match="manifest.json"):
+        load_manifest(tmp_path / "nowhere")
+    out = tmp_path / "idx"
+    m = build_index(x[:300], ids[:300], out, IndexConfig(factory="Flat", shards=2), "test")
+    (out / "shard_1.faiss").write_bytes(b"not an index")
+    with pytest.raises(IndexBuildError, match="shard_1.faiss"):
+        load_shard(out, 1, m)
+    (out / "shard_0.ids.npy").unlink()
+    with pytest.raises(IndexBuildError, match="shard_0.ids.npy"):
+        load_shard(out, 0, m)
+    (out / "manifest.json").write_text("{not json")
+    with pytest.raises(IndexBuildError, match="corrupt"):
+        load_manifest(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# search quality
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_sharded_flat_equals_brute_force(tmp_path, data, metric):
+    x, ids, q = data
+    m = build_index(x, ids, tmp_path / "idx", IndexConfig(factory="Flat", shards=3, metric=metric),
+                    "test")
+    shards = [load_shard(tmp_path / "idx", i, m) for i in range(3)]
+    D, I = search_shards(shards, q, 10, metric)
+    D_ref, I_ref = brute_force(x, ids, q, 10, metric)
+    assert np.array_equal(I, I_ref)
+    np.testing.assert_allclose(D, D_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_merge_breaks_ties_by_chunk_id_and_puts_padding_last():
+    # two shards, exact ties across and within them, FAISS padding (-1) mixed in
+    D0 = np.array([[0.5, 0.5, 0.9], [1.0, 2.0, np.inf]], np.float32)
+    I0 = np.array([[42, 11, 3], [5, 6, -1]])
+    D1 = np.array([[0.5, 0.1], [1.0, 1.0]], np.float32)
+    I1 = np.array([[7, 99], [4, 2]])
+    D, I = merge_topk([D0, D1], [I0, I1], 4, "l2")
+    assert I.tolist() == [[99, 7, 11, 42], [2, 4, 5, 6]]
+    # the same, shard order swapped: identical answer
+    assert np.array_equal(merge_topk([D1, D0], [I1, I0], 4, "l2")[1], I)
+    # inner product: larger is better; padding is still last, slots beyond the data are -1
+    D, I = merge_topk([np.array([[0.2, 0.7, -np.inf]])], [np.array([[8, 9, -1]])], 4, "ip")
+    assert I.tolist() == [[9, 8, -1, -1]] and D[0, 0] == np.float32(0.7) and np.isneginf(D[0, 3])
+
+
+def test_duplicate_vectors_come_back_in_chunk_id_order(tmp_path, data):
+    """Exact ties inside a shard: FAISS's BLAS noise must not decide their order."""
+    x, ids, q = data
+    dup = np.concatenate([x[:2000], np.repeat(x[:5], 6, axis=0)])  # 6 copies of 5 vectors
+    dup_ids = np.random.default_rng(0).permutation(len(dup)).astype(np.int64) * 2 + 1
+    m = build_index(dup, dup_ids, tmp_path / "idx", IndexConfig(factory="Flat", shards=2), "test")
+    shards = [load_shard(tmp_path / "idx", i, m) for i in range(2)]
+    _, I_ref = brute_force(dup, dup_ids, x[:5], 10, "l2")
+    _, I_batch = search_shards(shards, np.concatenate([x[:5], q]), 10, "l2")
+    _, I_one = search_shards(shards, x[2:3], 10, "l2")
+    assert np.array_equal(I_batch[:5], I_ref) and np.array_equal(I_one[0], I_ref[2])
+    copies = dup_ids[np.flatnonzero((dup == x[2]).all(1))]
+    assert I_ref[2, :7].tolist() == sorted(copies.tolist())
+
+
+def test_ivfpq_recall_with_auto_nprobe(tmp_path):
+    """The auto template for big corpora (IVF{nlist},PQ{dim/4}), clamped to this corpus."""
+    x = mixture(12_300, seed=1)
+    db, q, ids = x[:12_000], x[12_000:], chunk_ids(12_000)
+    factory = resolve_factory("auto", 5_000_000, DIM, n_train=50_000)  # e.g. IVF1282,PQ96
+    m = build_index(db, ids, tmp_path / "idx", IndexConfig(factory=factory, shards=2), "test")
+    assert m.factory == f"IVF{12_000 // 39},PQ96" and m.nprobe >= 1
+    shards = [load_shard(tmp_path / "idx", i, m) for i in range(2)]
+    _, I = search_shards(shards, q, 10, "l2")
+    _, pos = exact_search(db, q, 10, "l2")
+    assert recall_at_k(I, ids[pos]) >= 0.9
+
+
+@pytest.mark.parametrize("factory", ["HNSW16", "IVF64,Flat"])
+def test_hnsw_and_ivf_flat_work(tmp_path, data, factory):
+    x, ids, q = data
+    m = build_index(x, ids, tmp_path / "idx", IndexConfig(factory=factory, shards=2, ef_search=64),
+                    "test")
+    shards = [load_shard(tmp_path / "idx", i, m) for i in range(2)]
+    _, I = search_shards(shards, q, 10, "l2")
+    _, pos = exact_search(x, q, 10, "l2")
+    assert recall_at_k(I, ids[pos]) >= 0.9
+    assert set(np.unique(I)) <= set(ids)
+
+
+def test_recall_at_k_counts_found_true_neighbours():
+    exact = np.array([[1, 2, 3, 4], [5, 6, 7, 8]])
+    approx = np.array([[4, 3, 9, -1], [5, 6, 7, 8]])
+    assert recall_at_k(approx, exact) == pytest.approx(6 / 8)

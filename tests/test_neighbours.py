@@ -1,0 +1,93 @@
+"""RETRO neighbours: the leakage filter, [N, F] tokens, and precomputed == online retrieval."""
+import numpy as np
+import pytest
+
+from ratray.build import embeddings_dir, index_dir
+from ratray.config import ServiceConfig
+from ratray.data.chunks import ChunkStore
+from ratray.retrieval.index import exact_search, load_manifest
+from ratray.retrieval.neighbours import (ChunkVectors, DocCodes, NeighbourFetcher, ensure_chunk_vectors,
+                                         excluded_docs, filter_candidates, neighbour_tokens,
+                                         precompute_neighbours, sequence_layout)
+from ratray.retrieval.service import ShardedIndex
+
+L = 4  # chunks per sequence
+K = 2
+
+
+@pytest.fixture(scope="module")
+def env(small_workdir):
+    wd, cfg, summary = small_workdir
+    store = ChunkStore.open(summary["chunk_store"]["path"])
+    vec_path = ensure_chunk_vectors(store, cfg.embed, embeddings_dir(wd), wd / "vectors", progress=False)
+    index = ShardedIndex.launch(str(index_dir(wd)), ServiceConfig(name="nbr-test", namespace="ratray-tests"))
+    yield store, index, ChunkVectors(vec_path)
+    index.shutdown()
+
+
+def test_sequences_keep_every_chunk_in_order(env):
+    store, _, _ = env
+    lay = sequence_layout(store, "train", L)
+    flat = lay.reshape(-1)
+    assert np.array_equal(flat[flat >= 0], store.split_ids("train"))
+    assert (flat[: len(store.split_ids("train"))] >= 0).all()  # padding only at the very end
+
+
+def test_filter_drops_every_document_of_the_sequence(env):
+    store, _, _ = env
+    docs = DocCodes(store)
+    firsts = np.flatnonzero(np.r_[True, np.diff(docs.of_chunk) != 0])[:6]  # one chunk per document
+    cand = np.stack([firsts, firsts[::-1]])
+    exclude = np.array([[docs.of_chunk[firsts[0]], docs.of_chunk[firsts[3]], -1]] * 2)
+    ids, d, short = filter_candidates(cand, np.tile(np.arange(6, dtype=np.float32), (2, 1)), exclude, docs, 3)
+    for row in range(2):
+        kept = [c for c in cand[row] if docs.of_chunk[c] not in exclude[row]][:3]
+        assert ids[row].tolist() == kept and not short[row]
+    ids, d, short = filter_candidates(cand, np.tile(np.arange(6, dtype=np.float32), (2, 1)), exclude, docs, 5)
+    assert short.all() and (ids[:, 4] == -1).all() and np.isinf(d[:, 4]).all()  # only 4 admissible
+
+
+def test_precomputed_neighbours_obey_the_leakage_filter_and_are_exact(env):
+    store, index, vectors = env
+    tab = precompute_neighbours(store, index, "train", L, K, vectors, progress=False)
+    docs = DocCodes(store)
+    seq_docs = docs.of(tab.layout)  # (s, l)
+    nbr_docs = docs.of(tab.ids)  # (s, l, k)
+    live = tab.layout >= 0
+    assert (tab.ids[live] >= 0).all()
+    assert not (nbr_docs[:, :, :, None] == seq_docs[:, None, None, :]).any(-1)[live].any()
+    # the kept neighbours are exactly the nearest admissible ones (brute force over the database)
+    db = store.split_ids("train")
+    q_rows = np.flatnonzero(live.reshape(-1))[:40]
+    q = vectors[tab.layout.reshape(-1)[q_rows]]
+    _, pos = exact_search(vectors[db], q, len(db), "l2")
+    excl = excluded_docs(tab.layout, docs)[q_rows]
+    for j, r in enumerate(q_rows):
+        admissible = [c for c in db[pos[j]] if docs.of_chunk[c] not in excl[j]][:K]
+        assert tab.ids.reshape(-1, K)[r].tolist() == admissible
+    # reused on a second call
+    assert precompute_neighbours(store, index, "train", L, K, vectors, progress=False).reused
+
+
+def test_online_neighbours_equal_precomputed(env):
+    store, index, vectors = env
+    tab = precompute_neighbours(store, index, "train", L, K, vectors, progress=False)
+    fetcher = NeighbourFetcher(store, index, tab.layout, K, vectors)
+    seqs = np.arange(len(tab.layout))
+    pending = [fetcher.request(seqs[i: i + 5]) for i in range(0, len(seqs), 5)]  # all in flight
+    online = np.concatenate([p.result()[0] for p in pending])
+    assert np.array_equal(online, tab.ids)
+
+
+def test_neighbour_values_are_chunk_plus_continuation(env):
+    store, _, _ = env
+    m = store.chunk_tokens
+    db = store.split_ids("train")
+    with_next = db[store.continuation(db) >= 0][:3]
+    last = db[store.continuation(db) < 0][:1]
+    toks = neighbour_tokens(store, np.concatenate([with_next, last, [-1]]))
+    assert np.array_equal(toks[0, :m], store.tokens(with_next[:1])[0])
+    assert np.array_equal(toks[0, m:], store.tokens(store.continuation(with_next[:1]))[0])
+    pad = store.tokenizer.pad_id
+    assert (toks[3, m:] == pad).all()  # a document's last chunk has no continuation
+    assert (toks[4] == pad).all()  # no neighbour at all

@@ -1,0 +1,161 @@
+"""The index service: real shard actors on the session's local Ray.
+
+Exact merged top-k through actors, restart of a killed shard, async search, lookup by name from
+another Ray task (as a Ray Train worker does), zero CPU reservations, version mismatch.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+from ratray.config import IndexConfig, ServiceConfig
+from ratray.retrieval.index import build_index
+from ratray.retrieval.service import ShardedIndex, ShardVersionError, actor_name
+from tests.test_index import brute_force, chunk_ids, mixture
+
+NS = "ratray-svc-tests"
+
+
+@pytest.fixture(scope="module")
+def data():
+    x = mixture(6_120, seed=7)
+    return x[:6_000], chunk_ids(6_000), x[6_000:]  # database, ids, held-out queries
+
+
+@pytest.fixture(scope="module")
+def flat_l2(ray_session, data, tmp_path_factory):
+    """A 3-shard Flat index served by 3 actors for the whole module."""
+    x, ids, _ = data
+    out = tmp_path_factory.mktemp("svc") / "flat-l2"
+    build_index(x, ids, out, IndexConfig(factory="Flat", shards=3, metric="l2"), "test")
+    index = ShardedIndex.launch(str(out), ServiceConfig(name="flat-l2", namespace=NS))
+    yield index
+    index.shutdown()
+
+
+def test_sharded_search_equals_brute_force_l2(flat_l2, data):
+    x, ids, q = data
+    assert flat_l2.num_shards == 3 and flat_l2.ntotal == len(x)
+    res = flat_l2.search(q, 10)
+    D_ref, I_ref = brute_force(x, ids, q, 10, "l2")
+    assert res.ids.shape == (len(q), 10) and res.ids.dtype == np.int64 and res.version == 1
+    assert np.array_equal(res.ids, I_ref)
+    np.testing.assert_allclose(res.distances, D_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_sharded_search_equals_brute_force_ip(ray_session, data, tmp_path):
+    x, ids, q = data
+    build_index(x, ids, tmp_path / "ip", IndexConfig(factory="Flat", shards=3, metric="ip"), "t")
+    index = ShardedIndex.launch(str(tmp_path / "ip"), ServiceConfig(name="flat-ip", namespace=NS))
+    try:
+        res = index.search(q, 10)
+    finally:
+        index.shutdown()
+    D_ref, I_ref = brute_force(x, ids, q, 10, "ip")
+    assert np.array_equal(res.ids, I_ref)
+    np.testing.assert_allclose(res.distances, D_ref, rtol=1e-5, atol=1e-6)
+    assert (np.diff(res.distances, axis=1) <= 0).all()  # inner products: best (largest) first
+
+
+def test_actors_reserve_no_cpu(flat_l2, ray_session):
+    ray = ray_session
+    assert ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]
+
+
+def test_num_cpus_reaches_the_actors(ray_session, data, tmp_path):
+    """The fraction in ServiceConfig is what the actors hold (so 0 really means 0)."""
+    ray = ray_session
+    x, ids, _ = data
+    build_index(x[:500], ids[:500], tmp_path / "i", IndexConfig(factory="Flat", shards=2), "t")
+    before = ray.available_resources().get("CPU", 0)
+    index = ShardedIndex.launch(str(tmp_path / "i"),
+                                ServiceConfig(name="quarter", namespace=NS, num_cpus=0.25))
+    try:
+        deadline = time.monotonic() + 10
+        while ray.available_resources().get("CPU", 0) != before - 0.5 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert ray.available_resources().get("CPU", 0) == pytest.approx(before - 0.5)
+    finally:
+        index.shutdown()
+
+
+def test_bad_queries_and_k_are_clear_errors(flat_l2, data, ray_session):
+    _, _, q = data
+    with pytest.raises(ValueError, match="shape"):
+        flat_l2.search(q[:, :100], 10)
+    with pytest.raises(ValueError, match="holds 6000"):
+        flat_l2.search(q, 6001)
+    with pytest.raises(ValueError, match="shape"):  # the actor checks too
+        ray_session.get(flat_l2.actors[0].search.remote(q[:, :100], 10))
+
+
+def test_killed_shard_comes_back_with_its_shard(flat_l2, data, ray_session):
+    ray = ray_session
+    _, _, q = data
+    before = flat_l2.search(q, 10)
+    pid = flat_l2.info()[1]["pid"]
+    ray.kill(flat_l2.actors[1], no_restart=False)
+    after = flat_l2.search(q, 10)  # waits for the restart (max_task_retries=-1)
+    assert np.array_equal(after.ids, before.ids)
+    np.testing.assert_array_equal(after.distances, before.distances)
+    info = flat_l2.info()[1]
+    assert info["pid"] != pid and info["size"] == 2_000 and info["shard"] == 1
+
+
+def test_search_async_returns_before_the_answer(flat_l2, data):
+    x, _, _ = data
+    q = np.repeat(x[:1_000], 2, axis=0)  # a big batch: the service needs a while
+    t0 = time.perf_counter()
+    fut = flat_l2.search_async(q, 10)
+    submit_s = time.perf_counter() - t0
+    assert not fut.done()  # returned before the result existed
+    info = flat_l2.info()  # admin calls do not queue behind searches
+    assert len(info) == 3 and not fut.done()
+    res = fut.result(timeout=60)
+    total_s = time.perf_counter() - t0
+    assert fut.done() and submit_s < total_s / 3
+
+    async def consumer():
+        return await flat_l2.search_async(q, 10)
+
+    res_await = asyncio.run(consumer())
+    sync = flat_l2.search(q, 10)
+    for r in (res, res_await):
+        assert np.array_equal(r.ids, sync.ids) and np.array_equal(r.distances, sync.distances)
+
+
+def test_connect_by_name_from_another_task(flat_l2, data, ray_session):
+    """A Ray task (standing in for a Ray Train worker) finds the actors by name + namespace."""
+    ray = ray_session
+    _, _, q = data
+
+    @ray.remote(num_cpus=1)
+    def worker(queries):
+        from ratray.retrieval.service import ShardedIndex
+        index = ShardedIndex.connect("flat-l2", namespace=NS)
+        return index.num_shards, index.search(queries, 10).ids
+
+    n, ids = ray.get(worker.remote(q[:50]), timeout=120)
+    assert n == 3 and np.array_equal(ids, flat_l2.search(q[:50], 10).ids)
+    with pytest.raises(RuntimeError, match="no index actor"):
+        ShardedIndex.connect("nobody", namespace=NS, timeout=0)
+
+
+def test_version_mismatch_is_detected(ray_session, data, tmp_path):
+    ray = ray_session
+    x, ids, q = data
+    out = tmp_path / "versioned"
+    cfg = IndexConfig(factory="Flat", shards=2)
+    build_index(x[:400], ids[:400], out, cfg, "t", version=1)
+    index = ShardedIndex.launch(str(out), ServiceConfig(name="versioned", namespace=NS))
+    try:
+        assert index.search(q[:4], 5).version == 1
+        build_index(x[:400], ids[:400], out, cfg, "t", version=2)  # swapped in on disk
+        ray.kill(ray.get_actor(actor_name("versioned", 1), namespace=NS), no_restart=False)
+        with pytest.raises(ShardVersionError, match=r"\[1, 2\]"):
+            index.search(q[:4], 5)  # shard 1 restarted on version 2, shard 0 still on 1
+    finally:
+        index.shutdown()
