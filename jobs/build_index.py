@@ -17,7 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ratray.config import BuildConfig, ConfigError, add_config_args, load_config  # noqa: E402
+from ratray.config import ConfigError, RetroJobConfig, add_config_args, load_config  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
-        cfg = load_config(BuildConfig, a.config, a.overrides, extra={
+        # the training config is a superset: one YAML file serves both jobs
+        cfg = load_config(RetroJobConfig, a.config, a.overrides, extra={
             "corpus.path": a.corpus, "workdir": a.workdir, "index.shards": a.shards, "index.factory": a.index})
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -22,14 +22,17 @@ import faiss  # noqa: E402  (after ratray.retrieval.index, which sets OMP_WAIT_P
 DIM = 384
 
 
-def mixture(n: int, dim: int = DIM, clusters: int = 40, seed: int = 0) -> np.ndarray:
-    """(n, dim) float32 unit vectors: cluster centre + anisotropic noise (spectrum ~ 1/i)."""
+def mixture(n: int, dim: int = DIM, clusters: int = 200, seed: int = 0) -> np.ndarray:
+    """(n, dim) float32 unit vectors: cluster centre + anisotropic noise (spectrum ~ i^-1/2).
+
+    Calibrated against real MiniLM embeddings of stdlib chunks: ~50% of the variance in the top
+    50 directions (real: 57%), and IVF/PQ recall slightly *worse* than on the real vectors."""
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((clusters, dim))
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
     rot, _ = np.linalg.qr(rng.standard_normal((dim, dim)))
-    scale = 1.0 / np.arange(1, dim + 1)
-    scale *= 0.6 / np.linalg.norm(scale)
+    scale = np.arange(1, dim + 1) ** -0.5
+    scale /= np.linalg.norm(scale)
     x = centres[rng.integers(0, clusters, n)] + (rng.standard_normal((n, dim)) * scale) @ rot.T
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
@@ -68,7 +71,7 @@ def test_auto_factory_scales_with_corpus_size():
     big = resolve_factory("auto", 5_000_000, DIM, n_train=50_000)
     assert big.startswith("IVF") and ",PQ" in big
     m = int(big.split("PQ")[1])
-    assert DIM % m == 0 and m == DIM // 4
+    assert DIM % m == 0 and m == DIM // 2
 
 
 def test_oversized_templates_are_clamped(caplog):
@@ -216,12 +219,12 @@ def test_duplicate_vectors_come_back_in_chunk_id_order(tmp_path, data):
 
 
 def test_ivfpq_recall_with_auto_nprobe(tmp_path):
-    """The auto template for big corpora (IVF{nlist},PQ{dim/4}), clamped to this corpus."""
+    """The auto template for big corpora (IVF{nlist},PQ{dim/2}), clamped to this corpus."""
     x = mixture(12_300, seed=1)
     db, q, ids = x[:12_000], x[12_000:], chunk_ids(12_000)
-    factory = resolve_factory("auto", 5_000_000, DIM, n_train=50_000)  # e.g. IVF1282,PQ96
+    factory = resolve_factory("auto", 5_000_000, DIM, n_train=50_000)  # IVF1282,PQ192
     m = build_index(db, ids, tmp_path / "idx", IndexConfig(factory=factory, shards=2), "test")
-    assert m.factory == f"IVF{12_000 // 39},PQ96" and m.nprobe >= 1
+    assert m.factory == f"IVF{12_000 // 39},PQ192" and m.nprobe >= 1
     shards = [load_shard(tmp_path / "idx", i, m) for i in range(2)]
     _, I = search_shards(shards, q, 10, "l2")
     _, pos = exact_search(db, q, 10, "l2")

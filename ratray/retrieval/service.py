@@ -75,6 +75,7 @@ class IndexShard:
         q = _check_queries(queries, self.manifest.dim)
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
+        configure_faiss(self.omp_threads)  # OpenMP thread counts are per calling thread
         D, I = search_topk(self.index, self.ids, q, k, self.manifest.metric,
                            exact_ties=self.exact_ties)
         return D, I, self.version
