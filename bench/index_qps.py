@@ -44,32 +44,37 @@ def synthetic_embeddings(n: int, dim: int, clusters: int = 200, seed: int = 0) -
     out = np.empty((n, dim), np.float32)
     for s in range(0, n, 50_000):  # bounded temporaries
         m = min(n, s + 50_000) - s
-        x = centres[rng.integers(0, clusters, m)] + (rng.standard_normal((m, dim),
-                                                                         np.float32) * scale) @ rot.T
+        noise = rng.standard_normal((m, dim), np.float32) * scale  # (m, dim)
+        x = centres[rng.integers(0, clusters, m)] + noise @ rot.T
         out[s: s + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
     return out
 
 
-def timed(fn, reps: int) -> list[float]:
-    """Wall seconds of `reps` calls of fn() (after one warm-up call)."""
-    fn()
-    out = []
-    for _ in range(reps):
-        t = time.perf_counter()
+def timed_interleaved(fns: dict, reps: int) -> dict[str, list[float]]:
+    """Wall seconds of `reps` calls of each fn, round-robin (one warm-up call each first), so
+    that load from other processes hits every contender alike."""
+    for fn in fns.values():
         fn()
-        out.append(time.perf_counter() - t)
+    out: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            out[name].append(time.perf_counter() - t)
     return out
 
 
-def merged_index(index_dir: Path) -> faiss.Index:
-    """All shards merged into one in-process FAISS index (rows in shard order = id order)."""
+def merged_index(index_dir: Path) -> tuple[faiss.Index, np.ndarray]:
+    """All shards merged into one in-process FAISS index, and its row -> chunk id map."""
     m = load_manifest(index_dir)
-    one, _ = load_shard(index_dir, 0, m, reconstruct=False)
+    one, ids = load_shard(index_dir, 0, m, reconstruct=False)
+    all_ids = [ids]
     for i in range(1, m.num_shards):
-        other, _ = load_shard(index_dir, i, m, reconstruct=False)
+        other, ids = load_shard(index_dir, i, m, reconstruct=False)
+        all_ids.append(ids)
         is_ivf = faiss.try_extract_index_ivf(one) is not None  # IVF stores row ids: offset them
         one.merge_from(other, one.ntotal if is_ivf else 0)
-    return one
+    return one, np.concatenate(all_ids)
 
 
 def bench_one(name: str, factory: str, vectors, ids, queries, args, workdir: Path, ray) -> dict:
@@ -85,31 +90,31 @@ def bench_one(name: str, factory: str, vectors, ids, queries, args, workdir: Pat
           f"nprobe={m.nprobe}", flush=True)
 
     faiss.omp_set_num_threads(os.cpu_count() or 1)
-    one = merged_index(workdir / name)
+    one, one_ids = merged_index(workdir / name)
     shards = [load_shard(workdir / name, i, m) for i in range(m.num_shards)]
     small = queries[:8]
     res: dict = {"factory": m.factory, "factory_requested": m.factory_requested, "nprobe": m.nprobe,
-                 "build_s": round(build_s, 2), "shards": m.num_shards}
-
-    _, P_one = one.search(queries, k)
-    res["faiss"] = timed(lambda: one.search(queries, k), reps)
-    res["faiss_8"] = timed(lambda: one.search(small, k), 3 * reps)
-    _, I_sh = search_shards(shards, queries, k, m.metric)
-    res["sharded"] = timed(lambda: search_shards(shards, queries, k, m.metric), reps)
-    res["sharded_8"] = timed(lambda: search_shards(shards, small, k, m.metric), 3 * reps)
-    del shards
-
+                 "build_s": round(build_s, 2), "shards": m.num_shards,
+                 "shard_split": m.extra.get("shard_split")}
     svc = ShardedIndex.launch(str(workdir / name), ServiceConfig(name=f"bench-{name}",
                                                                  namespace="ratray-bench"))
     try:
+        _, P_one = one.search(queries, k)
+        _, I_sh = search_shards(shards, queries, k, m.metric)
         got = svc.search(queries, k)
-        res["service"] = timed(lambda: svc.search(queries, k), reps)
-        res["service_8"] = timed(lambda: svc.search(small, k), 3 * reps)
+        res.update(timed_interleaved({
+            "faiss": lambda: one.search(queries, k),
+            "sharded": lambda: search_shards(shards, queries, k, m.metric),
+            "service": lambda: svc.search(queries, k)}, reps))
+        res.update(timed_interleaved({
+            "faiss_8": lambda: one.search(small, k),
+            "sharded_8": lambda: search_shards(shards, small, k, m.metric),
+            "service_8": lambda: svc.search(small, k)}, 5 * reps))
         res["actor_cpus_free"] = ray.available_resources().get("CPU", 0.0)
     finally:
         svc.shutdown()
     res["service_equals_sharded"] = bool(np.array_equal(got.ids, I_sh))
-    res["service_ids_vs_faiss"] = float((got.ids == ids[P_one]).mean())  # near-ties may differ
+    res["service_ids_vs_faiss"] = float((got.ids == one_ids[P_one]).mean())  # near-ties may differ
     res["_ids"] = got.ids
     for key in ("faiss", "sharded", "service"):
         ts = res[key]
@@ -144,12 +149,13 @@ def main(argv: list[str] | None = None) -> dict:
     vectors, queries = x[: args.n], x[args.n:]
     ids = np.arange(args.n, dtype=np.int64)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    results: dict = {"n": args.n, "dim": args.dim, "shards": args.shards,
-                     "queries": args.queries, "k": args.k, "reps": args.reps, "cpus": os.cpu_count()}
+    results: dict = {"n": args.n, "dim": args.dim, "shards": args.shards, "queries": args.queries,
+                     "k": args.k, "reps": args.reps, "cpus": os.cpu_count()}
     try:
         with tempfile.TemporaryDirectory(prefix="ratray-bench-") as tmp:
             for name, factory in (("flat", "Flat"), ("ivfpq", pq_factory)):
-                results[name] = bench_one(name, factory, vectors, ids, queries, args, Path(tmp), ray)
+                results[name] = bench_one(name, factory, vectors, ids, queries, args, Path(tmp),
+                                          ray)
     finally:
         ray.shutdown()
     truth = results["flat"].pop("_ids")
@@ -173,7 +179,8 @@ def main(argv: list[str] | None = None) -> dict:
           f"{r['recall_at_k']:.3f}")
     for name in ("flat", "ivfpq"):
         r = results[name]
-        print(f"{r['factory']}: service == in-process shards: {r['service_equals_sharded']}; "
+        print(f"{r['factory']} ({r['shard_split']} shards): service == in-process shards: "
+              f"{r['service_equals_sharded']}; "
               f"ids equal to one FAISS index: {100 * r['service_ids_vs_faiss']:.2f}%; "
               f"CPUs left free by actors: {r['actor_cpus_free']:g}")
     if args.out:

@@ -42,11 +42,13 @@ def chunk_ids(n: int) -> np.ndarray:
 
 
 def brute_force(vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int, metric: str):
-    """Reference top-k in float64 numpy, pair by pair: (distance, then chunk id) order."""
+    """Reference top-k in numpy: distances in float64, reported (and so ordered) as float32;
+    equal float32 distances ordered by chunk id."""
     v = vectors.astype(np.float64)
     D, I = [], []
     for q in queries.astype(np.float64):
         key = ((v - q) ** 2).sum(-1) if metric == "l2" else -(v * q).sum(-1)  # (n,)
+        key = key.astype(np.float32)
         order = np.lexsort((ids, key))[:k]
         D.append(key[order] if metric == "l2" else -key[order])
         I.append(ids[order])
@@ -229,6 +231,23 @@ def test_ivfpq_recall_with_auto_nprobe(tmp_path):
     _, I = search_shards(shards, q, 10, "l2")
     _, pos = exact_search(db, q, 10, "l2")
     assert recall_at_k(I, ids[pos]) >= 0.9
+
+
+def test_ivf_shards_hold_whole_lists_and_equal_one_index(tmp_path, data):
+    x, ids, q = data
+    one = build_index(x, ids, tmp_path / "one", IndexConfig(factory="IVF32,Flat", nprobe=4,
+                                                            shards=1), "test")
+    three = build_index(x, ids, tmp_path / "three", IndexConfig(factory="IVF32,Flat", nprobe=4,
+                                                                shards=3), "test")
+    assert three.extra["shard_split"] == "ivf_lists"
+    shards = [load_shard(tmp_path / "three", i, three) for i in range(3)]
+    used = np.array([[faiss.extract_index_ivf(ix).invlists.list_size(j) > 0 for j in range(32)]
+                     for ix, _ in shards])  # (shards, lists)
+    assert (used.sum(0) <= 1).all()  # every inverted list lives in one shard only
+    assert sorted(np.concatenate([i for _, i in shards]).tolist()) == ids.tolist()
+    D1, I1 = search_shards([load_shard(tmp_path / "one", 0, one)], q, 10, "l2")
+    D3, I3 = search_shards(shards, q, 10, "l2")
+    assert np.array_equal(I1, I3) and np.array_equal(D1, D3)
 
 
 @pytest.mark.parametrize("factory", ["HNSW16", "IVF64,Flat"])

@@ -74,8 +74,9 @@ def test_num_cpus_reaches_the_actors(ray_session, data, tmp_path):
     index = ShardedIndex.launch(str(tmp_path / "i"),
                                 ServiceConfig(name="quarter", namespace=NS, num_cpus=0.25))
     try:
-        deadline = time.monotonic() + 10
-        while ray.available_resources().get("CPU", 0) != before - 0.5 and time.monotonic() < deadline:
+        deadline = time.monotonic() + 10  # the resource view is eventually consistent
+        while (ray.available_resources().get("CPU", 0) != before - 0.5
+               and time.monotonic() < deadline):
             time.sleep(0.1)
         assert ray.available_resources().get("CPU", 0) == pytest.approx(before - 0.5)
     finally:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import threading
 import time
 from dataclasses import dataclass
 
@@ -66,18 +67,24 @@ class IndexShard:
         self.exact_ties = enable_reconstruct(self.index)
         self.version = self.manifest.version
         self.started = time.time()
+        self.searches, self.queries, self.search_s = 0, 0, 0.0  # served so far (diagnostics)
+        self._lock = threading.Lock()  # searches run on several threads at once
 
     @ray.method(concurrency_group="search")
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, int]:
-        """queries (b, d) -> distances (b, k') float64, chunk ids (b, k') int64, version.
+        """queries (b, d) -> distances (b, k') float32, chunk ids (b, k') int64, version.
 
         k' = min(k, shard size); the client merges shards of different sizes."""
         q = _check_queries(queries, self.manifest.dim)
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
+        t0 = time.perf_counter()
         configure_faiss(self.omp_threads)  # OpenMP thread counts are per calling thread
         D, I = search_topk(self.index, self.ids, q, k, self.manifest.metric,
                            exact_ties=self.exact_ties)
+        with self._lock:
+            self.searches, self.queries = self.searches + 1, self.queries + len(q)
+            self.search_s += time.perf_counter() - t0
         return D, I, self.version
 
     @ray.method(concurrency_group="admin")
@@ -87,7 +94,9 @@ class IndexShard:
                 "size": int(self.index.ntotal), "ntotal": m.ntotal, "factory": m.factory,
                 "metric": m.metric, "dim": m.dim, "nprobe": m.nprobe, "ef_search": m.ef_search,
                 "exact_ties": self.exact_ties, "omp_threads": self.omp_threads,
-                "index_dir": self.index_dir, "pid": os.getpid(), "started": self.started}
+                "index_dir": self.index_dir, "pid": os.getpid(), "started": self.started,
+                "searches": self.searches, "queries": self.queries,
+                "search_s": round(self.search_s, 4)}
 
     @ray.method(concurrency_group="admin")
     def ping(self) -> int:
