@@ -45,6 +45,8 @@ def test_two_workers_train_checkpoint_resume_and_log_to_mlflow(small_workdir):
     for key in ("val_bpb_retro_on", "val_bpb_retro_off", "lr", "tokens_per_s"):
         assert c.get_metric_history(r.info.run_id, key), key
     assert hist["step"] == 6
+    artifacts = {a.path for a in c.list_artifacts(r.info.run_id)}
+    assert {"summary.json", "loss.png", "config.json", "final_metrics.json"} <= artifacts
 
 
 def test_bad_configuration_fails_before_any_work(small_workdir, tmp_path):

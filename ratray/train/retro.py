@@ -162,7 +162,19 @@ def run(job: RetroJobConfig, progress: bool = True) -> dict:
         "model": mcfg,
     }
     (prep.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    _log_summary(job.workdir, metrics.get("mlflow_run_id"), prep.run_dir / "summary.json")
     return summary
+
+
+def _log_summary(workdir: str, run_id: str | None, path: Path) -> None:
+    """Attach summary.json to the run's MLflow record (the driver knows wall time and paths)."""
+    if not run_id:
+        return
+    from mlflow import MlflowClient
+
+    from ratray.tracking import tracking_uri
+
+    MlflowClient(tracking_uri(workdir)).log_artifact(run_id, str(path))
 
 
 # ---------------------------------------------------------------------------------------------
