@@ -51,8 +51,6 @@ def _index_is_current(path: Path, cfg: BuildConfig, store: ChunkStore, model: st
 def measure_recall(vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray, path: Path,
                    cfg: BuildConfig, k: int = RECALL_K) -> dict:
     """ANN recall@k of the sharded actor service against exact search over the same vectors."""
-    import ray
-
     from ratray.retrieval.service import ShardedIndex
 
     k = min(k, len(ids))
@@ -68,8 +66,7 @@ def measure_recall(vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray, pa
     finally:
         client.shutdown()
     return {"k": k, "queries": int(len(queries)), f"recall@{k}": round(recall_at_k(res.ids, exact_ids), 4),
-            "service_search_s": round(search_s, 4), "seconds": round(time.perf_counter() - t0, 3),
-            "ray": ray.is_initialized()}
+            "service_search_s": round(search_s, 4), "seconds": round(time.perf_counter() - t0, 3)}
 
 
 def build(cfg: BuildConfig, progress: bool = True) -> dict:

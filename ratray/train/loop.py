@@ -62,7 +62,7 @@ class _Retrieval:
 
     def take_stats(self) -> dict:
         n = max(1, self.requests)
-        out = {"retrieval_wait_ms": 1e3 * self.wait_s / n, "retrieval_latency_ms": 1e3 * self.latency_s / n}
+        out = {"retrieval_wait_ms": 1e3 * self.wait_s / n, "retrieval_inflight_ms": 1e3 * self.latency_s / n}
         self.wait_s = self.latency_s = 0.0
         self.requests = 0
         return out if self.mode == "online" else {}
@@ -154,9 +154,6 @@ def train_loop(config: dict) -> None:
     tracker.set_tags({"ratray.model_type": mcfg.model, "ratray.retrieval": t.retrieval,
                       "ratray.resumed_from_step": str(start)})
 
-    def batch_key(step: int, micro: int) -> tuple:
-        return (step, micro)
-
     def seqs(step: int, micro: int) -> np.ndarray:
         return sampler.for_step(step, micro, rank, t.micro_batch, t.grad_accum, world)
 
@@ -183,14 +180,14 @@ def train_loop(config: dict) -> None:
     tokens_per_step = t.micro_batch * t.grad_accum * world * mcfg.seq_len
     t_last, losses = time.perf_counter(), []
     if retro:
-        retrieval.prefetch(batch_key(start, 0), seqs(start, 0))
+        retrieval.prefetch((start, 0), seqs(start, 0))
     for step in range(start, t.steps):
         for micro in range(t.grad_accum):
             sel = seqs(step, micro)
-            nbr = retrieval.get(batch_key(step, micro), sel) if retro else None
+            nbr = retrieval.get((step, micro), sel) if retro else None
             nxt = (step, micro + 1) if micro + 1 < t.grad_accum else (step + 1, 0)
             if retro and nxt[0] < t.steps:
-                retrieval.prefetch(batch_key(*nxt), seqs(*nxt))  # in flight while we compute
+                retrieval.prefetch(nxt, seqs(*nxt))  # in flight while we compute
             idx, tgt = train.inputs_targets(sel)
             nb = None if nbr is None else torch.from_numpy(train.neighbours(nbr)).to(device)
             _, loss = engine(torch.from_numpy(idx).to(device), nb, torch.from_numpy(tgt).to(device))
@@ -233,7 +230,7 @@ def _progress_line(step: int, steps: int, m: dict) -> str:
     parts = [f"step {step}/{steps}", f"loss {m['loss']:.4f}", f"lr {m['lr']:.2e}",
              f"{m['tokens_per_s']:.0f} tok/s"]
     if "retrieval_wait_ms" in m:
-        parts.append(f"retrieval wait {m['retrieval_wait_ms']:.1f} ms (latency {m['retrieval_latency_ms']:.1f} ms)")
+        parts.append(f"retrieval wait {m['retrieval_wait_ms']:.1f} ms (in flight {m['retrieval_inflight_ms']:.1f} ms)")
     for key in ("val_bpb_retro_on", "val_bpb_retro_off", "val_bpb"):
         if key in m:
             parts.append(f"{key} {m[key]:.4f}")
