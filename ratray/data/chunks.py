@@ -1,19 +1,31 @@
 """Chunk store: every document tokenized and cut into fixed-size chunks, built once per content hash.
 
     <root>/<key>/chunks.parquet   one row per chunk (columns: see SCHEMA and docs/architecture.md)
-    <root>/<key>/tokenizer.json   the LM tokenizer, trained on the train split only
-    <root>/<key>/meta.json        key, settings, counts, skip report, fingerprint (written last)
+    <root>/<key>/tokenizer.json   the tokenizer (bpe: trained on the train split only; wordpiece: a copy)
+    <root>/<key>/meta.json        key, settings, counts, skip report, fingerprint, tokenizer kind + ids
+                                  (written last)
 
 `key` = sha256 of the corpus fingerprint and the corpus/chunk settings, so the same inputs always
 map to the same folder and a complete folder is reused without reading the corpus. A store is
 written to a temporary folder and renamed into place, so `<key>/` is either absent or complete.
 
-Build, in data-flow order (the corpus is streamed three times, so memory holds one batch of docs):
+Two tokenizers (`chunks.tokenizer`):
+  bpe        RETRO chunks: byte-level BPE trained here; `text` is the decoded chunk, `n_bytes` the
+             exact bytes of its tokens (chunks of a document concatenate to the document).
+  wordpiece  REALM blocks: the fixed BERT WordPiece of `chunks.wordpiece_model` (no training);
+             `chunk_tokens` is a maximum (REALM: 288). `text` is the ORIGINAL span of the document
+             from the block's first token's start character to its last token's end character (not
+             the lowercased decode; whitespace between blocks belongs to no block), `n_bytes` its
+             UTF-8 length. Blocks tokenize back to their tokens when they start at a word boundary.
+
+Build, in data-flow order (the corpus is streamed up to three times, so memory holds one batch of docs):
   1. plan      read all documents once: skip report, train/val split by document id;
-  2. train     the byte-level BPE on the train documents' text only;
+  2. tokenizer bpe: train on the train documents' text only; wordpiece: load the model's;
   3. chunk     tokenize in batches, cut each document into consecutive `chunk_tokens` chunks that
                never cross a document (only its last chunk may be shorter), write Parquet batches.
-Documents with fewer than `chunk_tokens` tokens are skipped and counted as "shorter_than_chunk".
+bpe: documents with fewer than `chunk_tokens` tokens are skipped and counted as "shorter_than_chunk".
+wordpiece: such a document is kept as one shorter block; one without any wordpiece (e.g. only
+control characters, which BERT's normalizer deletes) is skipped and counted as "no_tokens".
 
 Split rule: a document is "val" when `is_validation(doc_id, val_fraction, seed)`. If that leaves no
 val document although val_fraction > 0 and there are ≥ 2 documents, the document with the smallest
@@ -43,7 +55,7 @@ from tqdm.auto import tqdm
 from ratray.config import ChunkConfig, CorpusConfig
 from ratray.data.corpus import (Document, SkipReport, corpus_fingerprint, is_validation,
                                 iter_documents, split_score)
-from ratray.data.tokenizer import LMTokenizer
+from ratray.data.tokenizer import LMTokenizer, WordPieceTokenizer, load_tokenizer, wordpiece_file
 
 STORE_VERSION = 1
 DOC_BATCH = 128  # documents tokenized (and written as one row group) at a time
@@ -74,13 +86,30 @@ def chunk_store_key(corpus: CorpusConfig, chunks: ChunkConfig, fingerprint: str 
     """sha256 over the corpus fingerprint and every setting that changes the store's content.
 
     The corpus path itself is not part of the key: the fingerprint already covers the files, so the
-    same content in another folder reuses the same store.
+    same content in another folder reuses the same store. Only the settings of the chosen tokenizer
+    count (see `_key_chunk_settings`).
     """
     settings = _settings(corpus, chunks)
     payload = {"version": STORE_VERSION, "fingerprint": fingerprint or corpus_fingerprint(corpus),
                "corpus": {k: v for k, v in settings["corpus"].items() if k != "path"},
-               "chunks": settings["chunks"]}
+               "chunks": _key_chunk_settings(chunks)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _key_chunk_settings(chunks: ChunkConfig) -> dict:
+    """The chunk settings the key hashes.
+
+    bpe: chunk_tokens, vocab_size, min_frequency — exactly the fields that existed before the
+    wordpiece option, so bpe stores built earlier keep their key and are reused.
+    wordpiece: chunk_tokens, tokenizer, wordpiece_model and the sha256 of the model's tokenizer.json
+    (the vocabulary is fixed: vocab_size / min_frequency do not change the store).
+    """
+    d = dataclasses.asdict(chunks)
+    if chunks.tokenizer == "bpe":
+        return {k: d[k] for k in ("chunk_tokens", "vocab_size", "min_frequency")}
+    digest = hashlib.sha256(wordpiece_file(chunks.wordpiece_model).read_bytes()).hexdigest()
+    return {"chunk_tokens": d["chunk_tokens"], "tokenizer": "wordpiece",
+            "wordpiece_model": d["wordpiece_model"], "wordpiece_sha256": digest}
 
 
 def _settings(corpus: CorpusConfig, chunks: ChunkConfig) -> dict:
@@ -144,38 +173,66 @@ def _plan_split(corpus: CorpusConfig, skips: SkipReport) -> tuple[dict[str, int]
     return n, forced
 
 
-def _chunk_batch(docs: list[Document], ids: list[list[int]], split: list[str], m: int,
-                 tok: LMTokenizer, first_id: int, skips: SkipReport) -> pa.Table | None:
-    """Cut a batch of tokenized documents into chunks of `m` tokens (vectorised); None if no chunk."""
-    lens = np.array([len(x) for x in ids], dtype=np.int64)
-    keep = np.flatnonzero(lens >= m)
-    for i in np.flatnonzero(lens < m):
-        skips.add("shorter_than_chunk", f"{docs[i].source} ({lens[i]} tokens < chunk_tokens {m})")
-    if len(keep) == 0:
-        return None
-    lens = lens[keep]
-    flat = np.fromiter(itertools.chain.from_iterable(ids[i] for i in keep), dtype=np.int32,
-                       count=int(lens.sum()))
+def _cut(lens: np.ndarray, m: int) -> tuple[np.ndarray, ...]:
+    """Cut documents of `lens` tokens (laid end to end) into chunks of at most `m` tokens.
+
+    Returns per chunk (all (n_chunks,)): chunk_doc (index into lens), pos (chunk index within its
+    document), starts / ends (token positions in the concatenation), last (no chunk follows).
+    """
     doc_end = np.cumsum(lens)
     doc_start = doc_end - lens
     n_chunks = -(-lens // m)  # ceil
-    chunk_doc = np.repeat(np.arange(len(keep)), n_chunks)  # chunk → index into keep
+    chunk_doc = np.repeat(np.arange(len(lens)), n_chunks)
     first_chunk = np.cumsum(n_chunks) - n_chunks
     pos = np.arange(len(chunk_doc)) - first_chunk[chunk_doc]
     starts = doc_start[chunk_doc] + pos * m
     ends = np.minimum(starts + m, doc_end[chunk_doc])
+    return chunk_doc, pos, starts, ends, pos + 1 == n_chunks[chunk_doc]
+
+
+def _chunk_batch(docs: list[Document], ids: list, split: list[str], m: int,
+                 tok: LMTokenizer | WordPieceTokenizer, first_id: int, skips: SkipReport,
+                 offsets: list[np.ndarray] | None = None) -> pa.Table | None:
+    """Cut a batch of tokenized documents into chunks of `m` tokens (vectorised); None if no chunk.
+
+    bpe (`offsets` None): documents under `m` tokens are skipped ("shorter_than_chunk"); text is the
+    decoded chunk and n_bytes its exact byte count. wordpiece (`offsets` given: (n_i, 2) character
+    spans per document): a document under `m` tokens is one shorter block, one without any token is
+    skipped ("no_tokens"); text is the original span from the first token's start to the last
+    token's end, n_bytes its UTF-8 length.
+    """
+    lens = np.array([len(x) for x in ids], dtype=np.int64)
+    min_len = m if offsets is None else 1
+    keep = np.flatnonzero(lens >= min_len)
+    for i in np.flatnonzero(lens < min_len):
+        if offsets is None:
+            skips.add("shorter_than_chunk", f"{docs[i].source} ({lens[i]} tokens < chunk_tokens {m})")
+        else:
+            skips.add("no_tokens", f"{docs[i].source} (no wordpiece token)")
+    if len(keep) == 0:
+        return None
+    lens = lens[keep]
+    flat = np.concatenate([np.asarray(ids[i], dtype=np.int32) for i in keep])  # (sum(lens),)
+    chunk_doc, pos, starts, ends, last = _cut(lens, m)
     chunk_id = first_id + np.arange(len(chunk_doc), dtype=np.int64)
-    next_id = np.where(pos + 1 < n_chunks[chunk_doc], chunk_id + 1, -1)
-    offsets = np.append(starts, len(flat)).astype(np.int32)  # chunks tile `flat` in order
-    n_bytes = np.add.reduceat(tok.byte_lengths[flat], starts)
-    texts = tok.decode_batch([c.tolist() for c in np.split(flat, starts[1:])])
+    next_id = np.where(last, -1, chunk_id + 1)
     doc_of = keep[chunk_doc]
+    if offsets is None:
+        n_bytes = np.add.reduceat(tok.byte_lengths[flat], starts)
+        texts = tok.decode_batch([c.tolist() for c in np.split(flat, starts[1:])])
+    else:
+        spans = np.concatenate([offsets[i] for i in keep])  # (len(flat), 2) character spans
+        first_char, last_char = spans[starts, 0], spans[ends - 1, 1]
+        texts = [docs[d].text[a:b] for d, a, b in zip(doc_of.tolist(), first_char.tolist(),
+                                                       last_char.tolist())]
+        n_bytes = np.array([len(t.encode("utf-8")) for t in texts], dtype=np.int64)
     return pa.table({
         "chunk_id": pa.array(chunk_id, pa.int64()),
         "doc_id": pa.array([docs[i].doc_id for i in doc_of], pa.string()),
         "split": pa.array([split[i] for i in doc_of], pa.string()),
         "pos": pa.array(pos.astype(np.int32)),
-        "tokens": pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat)),
+        "tokens": pa.ListArray.from_arrays(pa.array(np.append(starts, len(flat)).astype(np.int32)),
+                                           pa.array(flat)),  # chunks tile `flat` in order
         "n_tokens": pa.array((ends - starts).astype(np.int32)),
         "n_bytes": pa.array(n_bytes.astype(np.int32)),
         "text": pa.array(texts, pa.string()),
@@ -198,9 +255,15 @@ def _build(corpus: CorpusConfig, chunks: ChunkConfig, out: Path, key: str, finge
         val = doc.doc_id == forced_val or is_validation(doc.doc_id, corpus.val_fraction, corpus.seed)
         return "val" if val else "train"
 
-    # 2. tokenizer on the train split only (re-read: the skip report of pass 1 is the one kept)
-    train_texts = (d.text for d in iter_documents(corpus, SkipReport()) if split_of(d) == "train")
-    tok = LMTokenizer.train(train_texts, chunks.vocab_size, chunks.min_frequency)
+    # 2. tokenizer: BPE trained on the train split only (re-read: the skip report of pass 1 is the
+    # one kept), or the fixed WordPiece of the model, copied into the store
+    wordpiece = chunks.tokenizer == "wordpiece"
+    tok: LMTokenizer | WordPieceTokenizer
+    if wordpiece:
+        tok = WordPieceTokenizer.from_model(chunks.wordpiece_model)
+    else:
+        train_texts = (d.text for d in iter_documents(corpus, SkipReport()) if split_of(d) == "train")
+        tok = LMTokenizer.train(train_texts, chunks.vocab_size, chunks.min_frequency)
     tok.save(out / "tokenizer.json")
     t_tok = time.time() - t0
 
@@ -212,8 +275,12 @@ def _build(corpus: CorpusConfig, chunks: ChunkConfig, out: Path, key: str, finge
     with pq.ParquetWriter(out / "chunks.parquet", SCHEMA) as writer:
         for docs in _batches(iter_documents(corpus, SkipReport()), DOC_BATCH):
             split = [split_of(d) for d in docs]
-            table = _chunk_batch(docs, tok.encode_batch([d.text for d in docs]), split, m, tok,
-                                 n_written, skips)
+            texts = [d.text for d in docs]
+            if wordpiece:
+                ids, offsets = zip(*tok.encode_batch_offsets(texts))
+                table = _chunk_batch(docs, list(ids), split, m, tok, n_written, skips, list(offsets))
+            else:
+                table = _chunk_batch(docs, tok.encode_batch(texts), split, m, tok, n_written, skips)
             bar.update(len(docs))
             if table is None:
                 continue
@@ -229,6 +296,9 @@ def _build(corpus: CorpusConfig, chunks: ChunkConfig, out: Path, key: str, finge
                 counts["bytes"][s] += int(n_byt[mask].sum())
     bar.close()
     if counts["chunks"]["train"] == 0:
+        if wordpiece:
+            raise ChunkStoreError(f"the train split has no blocks: no train document has a wordpiece "
+                                  f"token (skipped: {skips.counts}); add documents")
         raise ChunkStoreError(
             f"the train split has no chunks: every train document is shorter than chunk_tokens={m} "
             f"tokens (skipped: {skips.counts}); lower chunks.chunk_tokens or add longer documents")
@@ -240,12 +310,20 @@ def _build(corpus: CorpusConfig, chunks: ChunkConfig, out: Path, key: str, finge
         "settings": _settings(corpus, chunks), "counts": counts,
         "documents_read": {**docs_read, "total": sum(docs_read.values())},
         "forced_val_doc": forced_val, "skips": skips.as_dict(),
-        "tokenizer": {"vocab_size": tok.vocab_size, "eot_id": tok.eot_id, "pad_id": tok.pad_id,
-                      "train_seconds": round(t_tok, 3)},
+        "tokenizer": _tokenizer_meta(tok, chunks, t_tok),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "build_seconds": round(time.time() - t0, 3),
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=2))  # last: marks the store complete
+
+
+def _tokenizer_meta(tok: LMTokenizer | WordPieceTokenizer, chunks: ChunkConfig, seconds: float) -> dict:
+    if isinstance(tok, WordPieceTokenizer):
+        return {"kind": tok.kind, "model": chunks.wordpiece_model, "vocab_size": tok.vocab_size,
+                "pad_id": tok.pad_id, "unk_id": tok.unk_id, "cls_id": tok.cls_id,
+                "sep_id": tok.sep_id, "mask_id": tok.mask_id, "load_seconds": round(seconds, 3)}
+    return {"kind": tok.kind, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id,
+            "pad_id": tok.pad_id, "train_seconds": round(seconds, 3)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,7 +335,8 @@ class ChunkStore:
 
     REQUIRED = ("meta.json", "chunks.parquet", "tokenizer.json")
 
-    def __init__(self, path: Path, meta: dict, tokenizer: LMTokenizer, reused: bool):
+    def __init__(self, path: Path, meta: dict, tokenizer: LMTokenizer | WordPieceTokenizer,
+                 reused: bool):
         self.path, self.meta, self.tokenizer, self.reused = path, meta, tokenizer, reused
         self._table: pa.Table | None = None
         self._columns: dict[str, np.ndarray] = {}
@@ -278,11 +357,17 @@ class ChunkStore:
         if meta.get("version") != STORE_VERSION:
             raise ChunkStoreError(f"chunk store {path} has version {meta.get('version')}, "
                                   f"expected {STORE_VERSION}; build it again")
-        return cls(path, meta, LMTokenizer.load(path / "tokenizer.json"), reused)
+        kind = meta.get("tokenizer", {}).get("kind", "bpe")  # stores older than wordpiece: bpe
+        return cls(path, meta, load_tokenizer(path / "tokenizer.json", kind), reused)
 
     @property
     def key(self) -> str:
         return self.meta["key"]
+
+    @property
+    def tokenizer_kind(self) -> str:
+        """The tokenizer kind: "bpe" (RETRO chunks) or "wordpiece" (REALM blocks)."""
+        return self.tokenizer.kind
 
     @property
     def chunk_tokens(self) -> int:

@@ -17,7 +17,8 @@ document and counts it in a `SkipReport` under a reason, with its location:
   empty                empty / whitespace-only text, or a null text      any
   too_large            more than `max_doc_bytes` UTF-8 bytes             any
   hidden               a dot-file or dot-folder inside a corpus folder   folder listing
-  shorter_than_chunk   fewer tokens than one chunk (added by chunks.py)  any
+  shorter_than_chunk   fewer tokens than one chunk (added by chunks.py)  any (bpe stores)
+  no_tokens            no wordpiece at all (added by chunks.py)          any (wordpiece stores)
 
 Errors (never skipped): nonexistent path, malformed JSON line, a row that is not an object, a missing
 id/text field or column, a non-string text, an id that is not a string or integer, duplicate ids

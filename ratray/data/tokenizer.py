@@ -1,4 +1,7 @@
-"""The LM tokenizer: a reversible byte-level BPE (HF `tokenizers`), with exact byte accounting.
+"""Tokenizers of the chunk store: a reversible byte-level BPE (RETRO) and a fixed BERT WordPiece (REALM).
+
+`LMTokenizer` (kind "bpe") is the LM tokenizer: a reversible byte-level BPE (HF `tokenizers`), with
+exact byte accounting.
 
 Byte-level means every UTF-8 byte of the input is first mapped to one of 256 printable stand-in
 characters, and BPE merges run over those; there is no normalizer and no prefix space, so
@@ -12,6 +15,15 @@ and decode to nothing.
 `token_bytes(ids)` gives the exact bytes a sequence of ids stands for, even when the sequence starts
 or ends in the middle of a multi-byte character (as a chunk boundary may): bits-per-byte is computed
 from these counts, never from decoded text.
+
+`WordPieceTokenizer` (kind "wordpiece") is the shipped, untrained BERT WordPiece (30,522 ids,
+lowercasing, accents stripped) of a sentence-BERT model folder, loaded offline from its
+`tokenizer.json` with padding and truncation (128 as shipped) switched off. It is lossy (`decode`
+gives lowercased wordpieces), so callers keep the original text through the character offsets of
+`encode_batch_offsets`. `encode*` never add [CLS]/[SEP], and text containing a literal "[MASK]" (or
+any other special token) encodes as ordinary text, never as the special id.
+
+`load_tokenizer(path, kind)` opens either kind from a saved `tokenizer.json`.
 """
 from __future__ import annotations
 
@@ -48,8 +60,26 @@ _STAND_IN_TO_BYTE = _byte_stand_ins()
 # the tokenizer
 
 
-class LMTokenizer:
+class _TokenizerFile:
+    """Saving and loading a `tokenizers.Tokenizer` JSON file (shared by both tokenizers)."""
+
+    _tok: Tokenizer
+
+    def save(self, path: str | Path) -> None:
+        self._tok.save(str(path))
+
+    @classmethod
+    def load(cls, path: str | Path):
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer file {path} does not exist")
+        return cls(Tokenizer.from_file(str(path)))
+
+
+class LMTokenizer(_TokenizerFile):
     """Byte-level BPE for language modelling. Build with `train` or `load`."""
+
+    kind = "bpe"
 
     def __init__(self, tok: Tokenizer):
         self._tok = tok
@@ -91,16 +121,6 @@ class LMTokenizer:
         tok.train_from_iterator(texts, trainer=trainer)
         return cls(tok)
 
-    def save(self, path: str | Path) -> None:
-        self._tok.save(str(path))
-
-    @classmethod
-    def load(cls, path: str | Path) -> LMTokenizer:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"tokenizer file {path} does not exist")
-        return cls(Tokenizer.from_file(str(path)))
-
     # -- using ------------------------------------------------------------------------------
 
     @property
@@ -136,3 +156,97 @@ class LMTokenizer:
 
     def __repr__(self) -> str:
         return f"LMTokenizer(vocab_size={self.vocab_size}, eot_id={self.eot_id}, pad_id={self.pad_id})"
+
+
+# ---------------------------------------------------------------------------------------------
+# BERT WordPiece (REALM)
+
+WORDPIECE_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def wordpiece_file(model: str) -> Path:
+    """The `tokenizer.json` shipped with embedding model `model` (never downloaded)."""
+    from ratray.retrieval.embed import model_path  # lazy: keeps this module free of model imports
+
+    path = model_path(model) / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"model {model!r} has no tokenizer.json at {path}")
+    return path
+
+
+class WordPieceTokenizer(_TokenizerFile):
+    """A fixed BERT WordPiece (lowercasing). Build with `from_model` or `load`; never trained."""
+
+    kind = "wordpiece"
+
+    def __init__(self, tok: Tokenizer):
+        ids = [tok.token_to_id(s) for s in WORDPIECE_SPECIALS]
+        if None in ids:
+            raise ValueError(f"tokenizer lacks the BERT special tokens {WORDPIECE_SPECIALS}")
+        self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = ids
+        tok.no_padding()
+        tok.no_truncation()
+        tok.encode_special_tokens = True  # a literal "[MASK]" in text is just text
+        self._tok = tok
+        vocab = tok.get_vocab(with_added_tokens=True)
+        self._vocab_size = max(vocab.values()) + 1
+        self.is_subword = np.zeros(self._vocab_size, dtype=bool)  # (V,) True for "##" continuations
+        self.is_subword[[i for t, i in vocab.items() if t.startswith("##")]] = True
+
+    @classmethod
+    def from_model(cls, model: str) -> WordPieceTokenizer:
+        """The tokenizer shipped with embedding model `model` (see `ratray.retrieval.embed.model_path`)."""
+        return cls.load(wordpiece_file(model))
+
+    # -- using ------------------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def special_ids(self) -> tuple[int, ...]:
+        """pad, unk, cls, sep, mask: ids never masked and never drawn as random replacements."""
+        return (self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id)
+
+    def encode(self, text: str) -> list[int]:
+        """Wordpiece ids of `text`, without [CLS]/[SEP]."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Encode many texts at once (multi-threaded in Rust, no offsets computed)."""
+        return [e.ids for e in self._tok.encode_batch_fast(list(texts), add_special_tokens=False)]
+
+    def encode_batch_offsets(self, texts: Sequence[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per text: (ids int32 (n,), offsets int64 (n, 2)) — each token's [start, end) character
+        span in the ORIGINAL text (Python string indices; starts and ends non-decreasing)."""
+        out = []
+        for e in self._tok.encode_batch(list(texts), add_special_tokens=False):
+            ids = np.asarray(e.ids, dtype=np.int32)
+            offsets = np.asarray(e.offsets, dtype=np.int64).reshape(len(ids), 2)
+            out.append((ids, offsets))
+        return out
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Lowercased text of `ids` (wordpieces joined; special tokens kept as "[MASK]" etc.)."""
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def decode_batch(self, batch: Iterable[Iterable[int]]) -> list[str]:
+        return [self.decode(ids) for ids in batch]
+
+    def id_to_token(self, i: int) -> str | None:
+        return self._tok.id_to_token(int(i))
+
+    def __repr__(self) -> str:
+        return (f"WordPieceTokenizer(vocab_size={self.vocab_size}, pad_id={self.pad_id}, "
+                f"cls_id={self.cls_id}, sep_id={self.sep_id}, mask_id={self.mask_id})")
+
+
+TOKENIZER_KINDS = {"bpe": LMTokenizer, "wordpiece": WordPieceTokenizer}
+
+
+def load_tokenizer(path: str | Path, kind: str = "bpe") -> LMTokenizer | WordPieceTokenizer:
+    """Open a saved `tokenizer.json` of the given kind ("bpe" | "wordpiece")."""
+    if kind not in TOKENIZER_KINDS:
+        raise ValueError(f"unknown tokenizer kind {kind!r} (known: {', '.join(TOKENIZER_KINDS)})")
+    return TOKENIZER_KINDS[kind].load(path)
