@@ -160,3 +160,17 @@ def test_version_mismatch_is_detected(ray_session, data, tmp_path):
             index.search(q[:4], 5)  # shard 1 restarted on version 2, shard 0 still on 1
     finally:
         index.shutdown()
+
+
+def test_shard_asked_for_a_gpu_serves_from_the_cpu_and_says_why_when_there_is_none(data, tmp_path):
+    from ratray.retrieval.gpu import gpu_count
+    from ratray.retrieval.service import IndexShard
+
+    if gpu_count() > 0:
+        pytest.skip("a GPU is present: bench/gpu_check.py covers the GPU path")
+    x, ids, q = data
+    build_index(x[:500], ids[:500], tmp_path / "g", IndexConfig(factory="Flat", shards=1), "t")
+    shard = IndexShard(str(tmp_path / "g"), 0, omp_threads=1, use_gpu=True)  # the plain class
+    D, I, v = shard.search(q[:5], 4)
+    assert np.array_equal(I, brute_force(x[:500], ids[:500], q[:5], 4, "l2")[1]) and v == 1
+    assert "no GPU" in shard.info()["gpu"]

@@ -194,7 +194,9 @@ def embed_texts_ray(texts: list[str], cfg: EmbedConfig, progress: bool = True) -
     if not ray.is_initialized():
         ray.init()
     device = resolve_device(cfg.device)
-    threads = _threads(cfg, ray.cluster_resources().get("CPU", 1))
+    # an actor lives on one node: size it from the largest node, not the whole cluster's CPUs
+    node_cpus = max([n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")] or [1])
+    threads = _threads(cfg, node_cpus)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # one bar of our own below, not Ray's per-operator bars
     table = pa.table({"row": np.arange(len(texts), dtype=np.int64), "text": pa.array(texts, pa.string())})

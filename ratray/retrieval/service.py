@@ -9,12 +9,28 @@
 - `max_restarts=-1` re-runs the constructor, which loads the shard from disk: a killed actor comes
   back with its shard. `max_task_retries=-1` retries an interrupted search (searches are
   idempotent), so a caller just sees a slower answer.
+- With `service.num_gpus` > 0 each actor requests that share of a GPU and serves its shard from a
+  faiss-gpu copy behind one lock (FAISS GPU indexes take one call at a time; `retrieval/gpu.py`);
+  without a GPU (or an index type FAISS cannot move) it serves from the CPU and `info()` says why.
 - Actors reserve `num_cpus` < 1 (0 by default): Ray Train workers that each need a CPU must never
   be starved by index actors. FAISS releases the GIL, so a threaded actor runs concurrent searches
   in parallel; admin calls (`info`, `ping`) have their own concurrency group and never queue
   behind searches.
 - Every shard re-scores its candidates exactly (see `index.search_topk`), so the merged top-k does
   not depend on batch composition and exact ties come out by chunk id.
+
+Versions and hot swaps (REALM's refreshed index). An index root is either a plain index folder
+(`manifest.json` + shards) or a versioned one: `versions/v000001/`, `versions/v000002/`, ... and a
+`CURRENT` file naming the serving one. `ShardedIndex.swap(new_dir)` is a two-phase commit:
+
+    prepare: every shard loads its new shard next to the serving one (searches go on meanwhile)
+    CURRENT: rewritten atomically (a shard restarted from now on loads the new version)
+    commit:  every shard flips a pointer; the previous version stays loaded as a fallback
+
+Every answer carries the version that served it. A fan-out that catches the commit half-way sees
+two versions; the client then re-asks the lagging shards for the newer version, which they hold
+already (prepared), so a query is never served by two versions and never fails because of a
+swap. Versions only move forward; a failed prepare aborts on every shard and changes nothing.
 """
 from __future__ import annotations
 
@@ -24,6 +40,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import ray
@@ -37,6 +54,36 @@ class ShardVersionError(RuntimeError):
     """Shards answered from different index versions (a swap is half-way; retry or relaunch)."""
 
 
+CURRENT = "CURRENT"  # in a versioned index root: the folder (relative) of the serving version
+
+
+def version_dir(root: str | Path, version: int) -> Path:
+    return Path(root) / "versions" / f"v{int(version):06d}"
+
+
+def serving_dir(root: str | Path) -> Path:
+    """The folder holding the serving index of `root`: root/CURRENT's target, else root itself."""
+    root = Path(root)
+    cur = root / CURRENT
+    if cur.is_file():
+        target = root / cur.read_text().strip()
+        if not (target / "manifest.json").is_file():
+            raise FileNotFoundError(f"{cur} names {target}, which holds no index")
+        return target
+    return root
+
+
+def write_current(root: str | Path, target: str | Path) -> None:
+    """Point root/CURRENT at `target` (a folder inside root), atomically (write + rename)."""
+    root = Path(root)
+    rel = os.path.relpath(Path(target).resolve(), root.resolve())
+    if rel.startswith(".."):
+        raise ValueError(f"{target} is not inside the index root {root}")
+    tmp = root / f".{CURRENT}.{os.getpid()}.{threading.get_ident()}"
+    tmp.write_text(rel + "\n")
+    os.replace(tmp, root / CURRENT)
+
+
 def _check_queries(queries: np.ndarray, dim: int) -> np.ndarray:
     q = np.asarray(queries)
     if q.ndim != 2 or q.shape[1] != dim:
@@ -48,55 +95,150 @@ def _check_queries(queries: np.ndarray, dim: int) -> np.ndarray:
 # the actor
 
 
+@dataclass
+class _Loaded:
+    """One version of this actor's shard, in memory."""
+    version: int
+    path: str
+    manifest: object
+    index: object  # a faiss.Index, or a gpu.GpuIndex (one lock per GPU index)
+    ids: np.ndarray
+    exact_ties: bool
+    vectors: np.ndarray | None = None  # flat storage for exact re-scoring when on the GPU
+
+    def release(self) -> None:
+        if hasattr(self.index, "release"):  # free the GPU copy now, not at garbage collection
+            self.index.release()
+
+
 class IndexShard:
     """One shard of the index in one actor process.
 
     The plain class is wrapped by `ray.remote` (see `shard_actor_class`); its constructor loads
-    the shard from disk, so a restarted actor serves exactly what it served before.
+    the shard of the serving version from disk, so a restarted actor serves what was committed.
     """
 
-    def __init__(self, index_dir: str, shard: int, omp_threads: int = 0):
-        self.index_dir, self.shard = index_dir, shard
-        self.manifest = load_manifest(index_dir)
+    def __init__(self, index_dir: str, shard: int, omp_threads: int = 0, use_gpu: bool = False):
+        self.index_dir, self.shard, self.use_gpu = index_dir, shard, use_gpu
+        self.gpu_note = "not requested (service.num_gpus = 0)"
+        self._serving = self._load(str(serving_dir(index_dir)))
+        self.manifest = self._serving.manifest
         if omp_threads <= 0:  # share this node's cores among the shards (Ray sets 1 otherwise)
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
             omp_threads = max(1, cores // self.manifest.num_shards)
         configure_faiss(omp_threads)
         self.omp_threads = omp_threads
-        self.index, self.ids = load_shard(index_dir, shard, self.manifest)
-        self.exact_ties = enable_reconstruct(self.index)
-        self.version = self.manifest.version
+        self._staged: _Loaded | None = None  # prepared, not yet committed
+        self._previous: _Loaded | None = None  # the version before the last commit
         self.started = time.time()
         self.searches, self.queries, self.search_s = 0, 0, 0.0  # served so far (diagnostics)
-        self._lock = threading.Lock()  # searches run on several threads at once
+        self.swaps, self.pinned = 0, 0  # commits; searches that asked for a non-serving version
+        self._lock = threading.Lock()  # counters (searches run on several threads at once)
+        self._swap_lock = threading.Lock()  # prepare / commit / abort
+
+    def _load(self, path: str) -> _Loaded:
+        manifest = load_manifest(path)
+        index, ids = load_shard(path, self.shard, manifest)
+        loaded = _Loaded(int(manifest.version), path, manifest, index, ids, enable_reconstruct(index))
+        if self.use_gpu:  # FAISS on this actor's GPU share; candidates re-scored from the CPU copy
+            from ratray.retrieval.gpu import gpu_count, gpu_index_or_none
+
+            n = gpu_count()
+            gidx = gpu_index_or_none(index, device=self.shard % n) if n else None
+            if gidx is None:
+                self.gpu_note = ("no GPU visible to this actor (faiss-gpu and CUDA needed)" if not n
+                                 else f"{type(index).__name__} has no GPU version: serving from the CPU")
+            else:
+                loaded.index, loaded.vectors = gidx, gidx.stored_vectors()
+                self.gpu_note = f"GPU {gidx.device}"
+        return loaded
+
+    @property
+    def version(self) -> int:
+        return self._serving.version
 
     @ray.method(concurrency_group="search")
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, int]:
+    def search(self, queries: np.ndarray, k: int, version: int | None = None
+               ) -> tuple[np.ndarray, np.ndarray, int]:
         """queries (b, d) -> distances (b, k') float32, chunk ids (b, k') int64, version.
 
-        k' = min(k, shard size); the client merges shards of different sizes."""
-        q = _check_queries(queries, self.manifest.dim)
+        k' = min(k, shard size); the client merges shards of different sizes. `version` asks for
+        a version this shard holds besides the serving one (prepared or previous); otherwise the
+        serving version answers (and says so)."""
+        use = self._serving  # one read: a concurrent commit cannot change it under this search
+        if version is not None and version != use.version:
+            for other in (self._staged, self._previous):
+                if other is not None and other.version == version:
+                    use = other
+                    break
+        q = _check_queries(queries, use.manifest.dim)
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         t0 = time.perf_counter()
         configure_faiss(self.omp_threads)  # OpenMP thread counts are per calling thread
-        D, I = search_topk(self.index, self.ids, q, k, self.manifest.metric,
-                           exact_ties=self.exact_ties)
+        D, I = search_topk(use.index, use.ids, q, k, use.manifest.metric, vectors=use.vectors,
+                           exact_ties=use.exact_ties)
         with self._lock:
             self.searches, self.queries = self.searches + 1, self.queries + len(q)
             self.search_s += time.perf_counter() - t0
-        return D, I, self.version
+            self.pinned += use is not self._serving
+        return D, I, use.version
+
+    @ray.method(concurrency_group="swap")
+    def prepare(self, path: str, allow_older: bool = False) -> int:
+        """Load this shard of the index at `path` next to the serving one; returns its version.
+        Versions move forward only, unless `allow_older` (a resumed run restoring its checkpoint's
+        version)."""
+        with self._swap_lock:
+            new = self._load(path)
+            cur = self._serving
+            if new.version == cur.version or (new.version < cur.version and not allow_older):
+                raise ValueError(f"shard {self.shard}: version {new.version} at {path} is not newer "
+                                 f"than the serving version {cur.version}")
+            if (new.manifest.dim, new.manifest.metric, new.manifest.num_shards) != \
+                    (cur.manifest.dim, cur.manifest.metric, cur.manifest.num_shards):
+                raise ValueError(f"shard {self.shard}: index at {path} has dim/metric/shards "
+                                 f"{new.manifest.dim}/{new.manifest.metric}/{new.manifest.num_shards}, "
+                                 f"serving has {cur.manifest.dim}/{cur.manifest.metric}/"
+                                 f"{cur.manifest.num_shards}")
+            self._staged = new
+            return new.version
+
+    @ray.method(concurrency_group="swap")
+    def commit(self, version: int) -> int:
+        """Serve the prepared `version` from now on (idempotent); returns the serving version."""
+        with self._swap_lock:
+            if self._serving.version == version:
+                return version  # already committed (a retried call, or a restart that loaded it)
+            if self._staged is None or self._staged.version != version:
+                raise ValueError(f"shard {self.shard}: version {version} was not prepared")
+            if self._previous is not None:
+                self._previous.release()
+            self._previous, self._serving, self._staged = self._serving, self._staged, None
+            self.manifest = self._serving.manifest
+            self.swaps += 1
+            return version
+
+    @ray.method(concurrency_group="swap")
+    def abort(self, version: int) -> None:
+        with self._swap_lock:
+            if self._staged is not None and self._staged.version == version:
+                self._staged.release()
+                self._staged = None
 
     @ray.method(concurrency_group="admin")
     def info(self) -> dict:
-        m = self.manifest
-        return {"shard": self.shard, "n_shards": m.num_shards, "version": self.version,
-                "size": int(self.index.ntotal), "ntotal": m.ntotal, "factory": m.factory,
+        cur = self._serving
+        m = cur.manifest
+        return {"shard": self.shard, "n_shards": m.num_shards, "version": cur.version,
+                "staged_version": self._staged.version if self._staged else None,
+                "previous_version": self._previous.version if self._previous else None,
+                "size": int(cur.index.ntotal), "ntotal": m.ntotal, "factory": m.factory,
                 "metric": m.metric, "dim": m.dim, "nprobe": m.nprobe, "ef_search": m.ef_search,
-                "exact_ties": self.exact_ties, "omp_threads": self.omp_threads,
-                "index_dir": self.index_dir, "pid": os.getpid(), "started": self.started,
-                "searches": self.searches, "queries": self.queries,
-                "search_s": round(self.search_s, 4)}
+                "exact_ties": cur.exact_ties, "omp_threads": self.omp_threads, "gpu": self.gpu_note,
+                "index_dir": self.index_dir, "serving_dir": cur.path, "pid": os.getpid(),
+                "started": self.started, "searches": self.searches, "queries": self.queries,
+                "search_s": round(self.search_s, 4), "swaps": self.swaps, "pinned": self.pinned}
 
     @ray.method(concurrency_group="admin")
     def ping(self) -> int:
@@ -109,7 +251,7 @@ def shard_actor_class(max_concurrency: int = 8):
 
     Concurrency groups are fixed when the class is decorated (`.options()` cannot change them),
     hence one decorated class per size."""
-    return ray.remote(concurrency_groups={"search": max_concurrency, "admin": 1})(IndexShard)
+    return ray.remote(concurrency_groups={"search": max_concurrency, "admin": 1, "swap": 1})(IndexShard)
 
 
 def actor_name(name: str, i: int) -> str:
@@ -133,15 +275,21 @@ class SearchFuture:
     Lets a training loop ask for the next batch's neighbours while the current batch computes.
     """
 
-    def __init__(self, refs: list, k: int, metric: str):
-        self._refs, self._k, self._metric = refs, k, metric
+    def __init__(self, actors: list, qref, k: int, metric: str):
+        self._actors, self._qref, self._k, self._metric = actors, qref, k, metric
+        self._refs = [a.search.remote(qref, k) for a in actors]
         self._result: SearchResult | None = None
+        self.reasked = 0  # shards re-asked because the fan-out straddled a swap
 
     def done(self) -> bool:
         if self._result is not None:
             return True
         ready, _ = ray.wait(self._refs, num_returns=len(self._refs), timeout=0, fetch_local=False)
         return len(ready) == len(self._refs)
+
+    def _lagging(self, parts: list) -> tuple[int, list[int]]:
+        newest = max(int(p[2]) for p in parts)
+        return newest, [i for i, p in enumerate(parts) if int(p[2]) != newest]
 
     def _merge(self, parts: list) -> SearchResult:
         versions = sorted({int(p[2]) for p in parts})
@@ -153,13 +301,29 @@ class SearchFuture:
 
     def result(self, timeout: float | None = None) -> SearchResult:
         if self._result is None:
-            self._merge(ray.get(self._refs, timeout=timeout))
+            parts = ray.get(self._refs, timeout=timeout)
+            newest, lag = self._lagging(parts)
+            if lag:  # the fan-out straddled a commit: the lagging shards hold `newest` prepared
+                self.reasked += len(lag)
+                redo = ray.get([self._actors[i].search.remote(self._qref, self._k, newest)
+                                for i in lag], timeout=timeout)
+                for i, p in zip(lag, redo):
+                    parts[i] = p
+            self._merge(parts)
         return self._result
 
     def __await__(self):
         async def wait() -> SearchResult:
             if self._result is None:
-                self._merge(list(await asyncio.gather(*self._refs)))
+                parts = list(await asyncio.gather(*self._refs))
+                newest, lag = self._lagging(parts)
+                if lag:
+                    self.reasked += len(lag)
+                    redo = await asyncio.gather(*[self._actors[i].search.remote(self._qref, self._k, newest)
+                                                  for i in lag])
+                    for i, p in zip(lag, redo):
+                        parts[i] = p
+                self._merge(parts)
             return self._result
         return wait().__await__()
 
@@ -193,16 +357,19 @@ class ShardedIndex:
         """
         svc = service or ServiceConfig()
         index_dir = os.path.abspath(index_dir)
-        manifest = load_manifest(index_dir)  # fail here, clearly, not inside N actors
+        serving = serving_dir(index_dir)
+        manifest = load_manifest(serving)  # fail here, clearly, not inside N actors
         for s in manifest.shards:
             for key in ("file", "ids"):
-                if not os.path.isfile(os.path.join(index_dir, s[key])):
-                    raise FileNotFoundError(f"index {index_dir}: missing shard file {s[key]}")
+                if not os.path.isfile(os.path.join(serving, s[key])):
+                    raise FileNotFoundError(f"index {serving}: missing shard file {s[key]}")
         actor_cls = shard_actor_class(svc.max_concurrency)
         actors = [actor_cls.options(name=actor_name(svc.name, i), namespace=svc.namespace,
                                     get_if_exists=True, lifetime=None, num_cpus=svc.num_cpus,
+                                    resources=dict(svc.resources) or None,
+                                    num_gpus=svc.num_gpus or None,
                                     max_restarts=-1, max_task_retries=-1)
-                  .remote(index_dir, i, svc.omp_threads)
+                  .remote(index_dir, i, svc.omp_threads, svc.num_gpus > 0)
                   for i in range(manifest.num_shards)]
         try:
             infos = ray.get([a.info.remote() for a in actors], timeout=timeout)
@@ -249,7 +416,7 @@ class ShardedIndex:
         if not 0 < k <= self.ntotal:
             raise ValueError(f"k={k} is out of range: the index holds {self.ntotal} vectors")
         ref = ray.put(q)  # one copy in the object store, read by every shard
-        return SearchFuture([a.search.remote(ref, k) for a in self.actors], k, self.metric)
+        return SearchFuture(self.actors, ref, k, self.metric)
 
     def search(self, queries: np.ndarray, k: int) -> SearchResult:
         """Exact merged top-k over all shards: distances (b, k), chunk ids (b, k), version."""
@@ -257,6 +424,32 @@ class ShardedIndex:
 
     def info(self) -> list[dict]:
         return ray.get([a.info.remote() for a in self.actors])
+
+    def version(self) -> int:
+        """The serving version (of shard 0; after a completed swap all shards agree)."""
+        return int(ray.get(self.actors[0].info.remote())["version"])
+
+    def swap(self, new_dir: str | Path, timeout: float = 600, allow_older: bool = False) -> int:
+        """Hot-swap every shard to the index at `new_dir` (inside this index's root); returns its
+        version. Two-phase (prepare all, rewrite CURRENT, commit all): searches go on throughout
+        and never mix versions (see the module docstring). A failed prepare aborts everywhere,
+        leaves the serving version as it was and raises."""
+        new_dir = Path(new_dir).resolve()
+        manifest = load_manifest(new_dir)
+        if manifest.num_shards != self.num_shards:
+            raise ValueError(f"{new_dir} has {manifest.num_shards} shards, the service runs "
+                             f"{self.num_shards}")
+        v = int(manifest.version)
+        try:
+            got = ray.get([a.prepare.remote(str(new_dir), allow_older) for a in self.actors],
+                          timeout=timeout)
+        except BaseException:
+            ray.get([a.abort.remote(v) for a in self.actors], timeout=timeout)
+            raise
+        assert set(got) == {v}, got
+        write_current(self.index_dir, new_dir)
+        ray.get([a.commit.remote(v) for a in self.actors], timeout=timeout)
+        return v
 
     def shutdown(self) -> None:
         """Kill the shard actors (for good: no restart)."""

@@ -1,0 +1,332 @@
+"""The embedding-refresh service: re-embed the corpus with new retriever weights, rebuild the
+shards, hot-swap them under a new version — while training goes on (REALM's asynchronous index).
+
+    trainer (rank 0) ── request([weights ref], step) ──► RefreshService actor (one refresh at a time)
+                                                          │ embed: blocks split into parts, Ray tasks
+                                                          │        (each loads the weights once)
+                                                          │ build: index.build_index → versions/v00000N
+                                                          └ swap:  ShardedIndex.swap (two-phase)
+    shard actors keep answering from version N-1 until the commit; every answer names its version
+
+- The weights travel through the object store: the caller `ray.put`s a state dict and passes the
+  ref wrapped in a list, so the service forwards it to its embedding tasks without a copy.
+- Only one refresh runs at a time. A request made while one runs is coalesced: it waits, and a
+  newer request replaces it (the newest weights win). When the running refresh ends, the waiting
+  one starts. Weights no newer (by training step) than those serving, running or waiting are
+  dropped, so the index never goes back to older weights.
+- A refresh that fails (an embedding task dies, memory runs out, the build or a shard's prepare
+  raises) leaves the previous version serving; the failure is counted and reported in `status()`,
+  and the next request (the trainer's next interval) tries again.
+- What embeds a block is not this module's business (retrieval never imports a model): the caller
+  passes an `embedder`, a picklable callable `embedder(weights, tokens (n t)) -> vectors (n p)`.
+- Staleness bookkeeping: every version remembers the training step of the weights it was built
+  from; `status()` reports the serving version and that step, refresh wall times (embed, build,
+  swap) and the re-embed throughput.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import ray
+
+from ratray.config import IndexConfig, RefreshConfig, ServiceConfig
+from ratray.data.chunks import ChunkStore
+from ratray.retrieval.index import build_index
+from ratray.retrieval.service import ShardedIndex, serving_dir, version_dir, write_current
+
+log = logging.getLogger(__name__)
+
+
+class RefreshError(RuntimeError):
+    """A refresh could not produce a new version (the previous one keeps serving)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# embedding: parts of the corpus in parallel Ray tasks
+
+
+def _embed_part(embedder: Callable, weights_box: list, store_path: str, ids: np.ndarray,
+                width: int, threads: int) -> np.ndarray:
+    import torch
+
+    torch.set_num_threads(max(1, threads))
+    weights = weights_box[0]
+    if isinstance(weights, ray.ObjectRef):
+        weights = ray.get(weights)
+    tokens = ChunkStore.open(store_path).tokens(ids, pad_to=width)  # (n t)
+    return np.asarray(embedder(weights, tokens), dtype=np.float32)
+
+
+def embed_corpus(embedder: Callable, weights_box: list, store: ChunkStore, cfg: RefreshConfig,
+                 progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Every block of `store` → (ids (n,), vectors (n p)), with `cfg.num_workers` tasks in flight."""
+    from tqdm.auto import tqdm
+
+    ids = np.arange(len(store), dtype=np.int64)
+    parts = np.array_split(ids, max(1, min(len(ids), cfg.num_workers * cfg.parts_per_worker)))
+    task = ray.remote(_embed_part).options(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus or None,
+                                           max_retries=0)
+    width = store.chunk_tokens
+    out: list[np.ndarray | None] = [None] * len(parts)
+    pending: dict = {}
+    nxt = 0
+    with tqdm(total=len(ids), desc="refresh: re-embed", unit="block", disable=not progress) as bar:
+        while nxt < len(parts) or pending:
+            while nxt < len(parts) and len(pending) < cfg.num_workers:
+                pending[task.remote(embedder, weights_box, str(store.path), parts[nxt], width,
+                                    cfg.threads)] = nxt
+                nxt += 1
+            done, _ = ray.wait(list(pending), num_returns=1)
+            i = pending.pop(done[0])
+            out[i] = ray.get(done[0])
+            bar.update(len(parts[i]))
+    return ids, np.concatenate(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# the service
+
+
+@dataclass
+class RefreshRecord:
+    version: int
+    weights_step: int
+    embed_s: float
+    build_s: float
+    swap_s: float
+    total_s: float
+    blocks: int
+    blocks_per_s: float
+    finished: float  # unix time
+
+
+@dataclass
+class RefreshState:
+    """What `status()` reports, and what a checkpoint stores (`restore` takes it back)."""
+    serving_version: int = 0
+    version_steps: dict = field(default_factory=dict)  # version (str) → weights step
+    requested: int = 0
+    completed: int = 0
+    failed: int = 0
+    coalesced: int = 0
+    running: bool = False
+    running_step: int | None = None
+    waiting_step: int | None = None
+    last_error: str | None = None
+    history: list = field(default_factory=list)  # RefreshRecord dicts, oldest first
+
+    @property
+    def serving_step(self) -> int | None:
+        return self.version_steps.get(str(self.serving_version))
+
+
+class RefreshService:
+    """Ray actor (see `launch_refresh_service`): threaded, so `status()` answers during a refresh."""
+
+    def __init__(self, root: str, store_path: str, index_cfg: dict, service_cfg: dict,
+                 refresh_cfg: dict, embedder: Callable, embedding_model: str = "realm-doc-tower"):
+        self.root = Path(root)
+        self.store = ChunkStore.open(store_path)
+        self.index_cfg = IndexConfig(**index_cfg)
+        self.service_cfg = ServiceConfig(**service_cfg)
+        self.cfg = RefreshConfig(**refresh_cfg)
+        self.embedder, self.embedding_model = embedder, embedding_model
+        self.state = RefreshState()
+        self._lock = threading.Lock()
+        self._waiting: tuple[list, int] | None = None
+        self._index: ShardedIndex | None = None
+        self._sync_serving_from_disk()
+
+    # -- disk ----------------------------------------------------------------------------------
+
+    def _versions_on_disk(self) -> list[int]:
+        vdir = self.root / "versions"
+        if not vdir.is_dir():
+            return []
+        return sorted(int(p.name[1:]) for p in vdir.iterdir()
+                      if p.name.startswith("v") and p.name[1:].isdigit() and (p / "manifest.json").is_file())
+
+    def _sync_serving_from_disk(self) -> None:
+        from ratray.retrieval.index import load_manifest
+
+        if (self.root / "CURRENT").is_file():
+            m = load_manifest(serving_dir(self.root))
+            self.state.serving_version = int(m.version)
+            step = m.extra.get("weights_step")
+            if step is not None:
+                self.state.version_steps.setdefault(str(m.version), int(step))
+
+    def _prune(self) -> None:
+        keep = max(1, self.cfg.keep_versions)
+        serving = self.state.serving_version
+        for v in self._versions_on_disk()[:-keep]:
+            if v != serving:
+                shutil.rmtree(version_dir(self.root, v), ignore_errors=True)
+
+    # -- one refresh ---------------------------------------------------------------------------
+
+    def build_version(self, weights_box: list, step: int, progress: bool = True) -> tuple[int, dict]:
+        """Embed every block with `weights`, build the next version's shards; swap nothing."""
+        version = max([self.state.serving_version, *self._versions_on_disk()]) + 1
+        t0 = time.perf_counter()
+        ids, vectors = embed_corpus(self.embedder, weights_box, self.store, self.cfg, progress)
+        t1 = time.perf_counter()
+        m = build_index(vectors, ids, version_dir(self.root, version), self.index_cfg,
+                        embedding_model=f"{self.embedding_model}@step{step}",
+                        chunk_store=str(self.store.path), version=version)
+        # remember the weights' step in the manifest (a restarted service reads it back)
+        m.extra["weights_step"] = int(step)
+        (version_dir(self.root, version) / "manifest.json").write_text(m.to_json())
+        t2 = time.perf_counter()
+        return version, {"embed_s": t1 - t0, "build_s": t2 - t1, "blocks": len(ids)}
+
+    def _record(self, version: int, step: int, t: dict, swap_s: float, total_s: float) -> dict:
+        rec = RefreshRecord(version=version, weights_step=int(step), embed_s=round(t["embed_s"], 3),
+                            build_s=round(t["build_s"], 3), swap_s=round(swap_s, 3),
+                            total_s=round(total_s, 3), blocks=t["blocks"],
+                            blocks_per_s=round(t["blocks"] / max(t["embed_s"], 1e-9), 1),
+                            finished=time.time())
+        with self._lock:
+            self.state.serving_version = version
+            self.state.version_steps[str(version)] = int(step)
+            self.state.completed += 1
+            self.state.last_error = None
+            self.state.history.append(asdict(rec))
+        return asdict(rec)
+
+    def initial(self, weights_box: list, step: int = 0) -> dict:
+        """Build the first version and point CURRENT at it (no shard actors exist yet). Reuses the
+        serving version already on disk (a resumed run)."""
+        if (self.root / "CURRENT").is_file():
+            self._sync_serving_from_disk()
+            return {"version": self.state.serving_version, "reused": True}
+        t0 = time.perf_counter()
+        version, t = self.build_version(weights_box, step)
+        write_current(self.root, version_dir(self.root, version))
+        rec = self._record(version, step, t, 0.0, time.perf_counter() - t0)
+        return {**rec, "reused": False}
+
+    def refresh_now(self, weights_box: list, step: int, progress: bool = True) -> dict:
+        """One whole refresh in the caller's thread: embed, build, hot-swap. Raises on failure
+        (the previous version keeps serving)."""
+        t0 = time.perf_counter()
+        version, t = self.build_version(weights_box, step, progress)
+        t1 = time.perf_counter()
+        try:
+            self._service().swap(version_dir(self.root, version))
+        except BaseException:
+            shutil.rmtree(version_dir(self.root, version), ignore_errors=True)
+            raise
+        t2 = time.perf_counter()
+        rec = self._record(version, step, t, t2 - t1, t2 - t0)
+        self._prune()
+        print(f"[ratray] index v{version} (weights of step {step}) serving: re-embedded "
+              f"{rec['blocks']} blocks in {rec['embed_s']:.1f} s ({rec['blocks_per_s']:.0f}/s), "
+              f"built in {rec['build_s']:.2f} s, swapped in {rec['swap_s']:.3f} s", flush=True)
+        return rec
+
+    def _service(self) -> ShardedIndex:
+        if self._index is None:
+            self._index = ShardedIndex.connect(self.service_cfg.name, self.service_cfg.namespace)
+        return self._index
+
+    # -- asynchronous requests -----------------------------------------------------------------
+
+    def request(self, weights_box: list, step: int) -> dict:
+        """Ask for a refresh from these weights; returns at once. Coalesced if one is running."""
+        with self._lock:
+            self.state.requested += 1
+            newest = max([-1, *(int(s) for s in self.state.version_steps.values()),
+                          *(s for s in (self.state.running_step, self.state.waiting_step) if s is not None)])
+            if int(step) <= newest:  # weights no newer than what serves, runs or waits: drop them
+                self.state.coalesced += 1
+                return {"started": False, "queued": False, "serving_version": self.state.serving_version}
+            if self.state.running:
+                if self._waiting is not None:
+                    self.state.coalesced += 1  # the older waiting request is dropped: newest wins
+                self._waiting = (weights_box, int(step))
+                self.state.waiting_step = int(step)
+                return {"started": False, "queued": True, "serving_version": self.state.serving_version}
+            self._start(weights_box, int(step))
+            return {"started": True, "queued": False, "serving_version": self.state.serving_version}
+
+    def _start(self, weights_box: list, step: int) -> None:  # holds self._lock
+        self.state.running, self.state.running_step = True, step
+        threading.Thread(target=self._run, args=(weights_box, step), daemon=True,
+                         name=f"refresh-step-{step}").start()
+
+    def _run(self, weights_box: list, step: int) -> None:
+        try:
+            self.refresh_now(weights_box, step, progress=False)
+        except BaseException as e:  # noqa: BLE001 — any failure leaves the old version serving
+            msg = f"refresh from step {step} failed: {type(e).__name__}: {e}"
+            log.error("%s\n%s", msg, traceback.format_exc())
+            with self._lock:
+                self.state.failed += 1
+                self.state.last_error = msg[:2000]
+        finally:
+            with self._lock:
+                self.state.running, self.state.running_step = False, None
+                if self._waiting is not None:
+                    box, s = self._waiting
+                    self._waiting, self.state.waiting_step = None, None
+                    self._start(box, s)
+
+    def status(self) -> dict:
+        with self._lock:
+            out = asdict(self.state)
+            out["serving_step"] = self.state.serving_step
+            return out
+
+    def wait_idle(self, timeout: float = 600) -> dict:
+        """Block until no refresh runs or waits (tests, benchmarks, the end of a run)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self.state.running and self._waiting is None:
+                    break
+            time.sleep(0.05)
+        return self.status()
+
+    def restore(self, saved: dict) -> dict:
+        """Take back the bookkeeping of a checkpoint and serve its index version again (a resumed
+        run must not see an index built from weights newer than its own). If that version's files
+        are gone, the serving version stays and the caller should request a refresh."""
+        with self._lock:
+            for k in ("requested", "completed", "failed", "coalesced"):
+                setattr(self.state, k, max(getattr(self.state, k), int(saved.get(k, 0))))
+            self.state.version_steps.update({str(k): int(v) for k, v in saved.get("version_steps", {}).items()})
+            self.state.history = list(saved.get("history", []))[-50:] or self.state.history
+        want = int(saved.get("serving_version", 0))
+        restored = False
+        if want and want != self.state.serving_version and (version_dir(self.root, want) / "manifest.json").is_file():
+            self._service().swap(version_dir(self.root, want), allow_older=True)
+            with self._lock:
+                self.state.serving_version = want
+            restored = True
+        return {"serving_version": self.state.serving_version, "swapped": restored,
+                "wanted": want, "available": want == self.state.serving_version}
+
+
+def launch_refresh_service(root: str | Path, store: ChunkStore, index_cfg: IndexConfig,
+                           service_cfg: ServiceConfig, refresh_cfg: RefreshConfig, embedder: Callable,
+                           embedding_model: str = "realm-doc-tower"):
+    """The actor, named `<service.name>-refresh` in the service's namespace (a worker can find it)."""
+    actor = ray.remote(RefreshService).options(
+        name=f"{service_cfg.name}-refresh", namespace=service_cfg.namespace, get_if_exists=True,
+        num_cpus=0, max_concurrency=4, max_restarts=0)
+    return actor.remote(str(Path(root).resolve()), str(store.path), asdict(index_cfg),
+                        asdict(service_cfg), asdict(refresh_cfg), embedder, embedding_model)
+
+
+def put_weights(state_dict: dict[str, Any]) -> list:
+    """A state dict into the object store, boxed so actors pass the ref on instead of the value."""
+    return [ray.put(state_dict)]
