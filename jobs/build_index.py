@@ -13,11 +13,12 @@ import logging
 import os
 import sys
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ratray.cli import job_env, run_job  # noqa: E402
 
-from ratray.config import ConfigError, RetroJobConfig, add_config_args, load_config  # noqa: E402
+job_env()  # before torch / transformers / DeepSpeed are imported
+
+from ratray.config import RetroJobConfig, add_config_args, load_config  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,26 +31,18 @@ def main(argv: list[str] | None = None) -> int:
     add_config_args(p)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
+
+    def work() -> str:
         # the training config is a superset: one YAML file serves both jobs
         cfg = load_config(RetroJobConfig, a.config, a.overrides, extra={
             "corpus.path": a.corpus, "workdir": a.workdir, "index.shards": a.shards, "index.factory": a.index})
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        from ratray.build import build
 
-    from ratray.build import build
-    from ratray.data.corpus import CorpusError
-
-    try:
         s = build(cfg, progress=not a.quiet)
-    except CorpusError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps({k: s[k] for k in ("counts", "skipped", "index", "recall", "timings")}, indent=2))
-    print(f"summary: {s['index']['path']}/summary.json")
-    return 0
+        return (json.dumps({k: s[k] for k in ("counts", "skipped", "index", "recall", "timings")}, indent=2)
+                + f"\nsummary: {s['index']['path']}/summary.json")
 
+    return run_job(work)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -13,13 +13,12 @@ import logging
 import os
 import sys
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ratray.cli import job_env, run_job  # noqa: E402
 
-from ratray.config import ConfigError, RetroJobConfig, add_config_args, load_config  # noqa: E402
+job_env()  # before torch / transformers / DeepSpeed are imported
+
+from ratray.config import RetroJobConfig, add_config_args, load_config  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,26 +34,21 @@ def main(argv: list[str] | None = None) -> int:
     add_config_args(p)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
+
+    def work() -> str:
         job = load_config(RetroJobConfig, a.config, a.overrides, extra={
             "corpus.path": a.corpus, "workdir": a.workdir, "model_type": a.model_type,
             "train.run_name": a.run_name, "train.steps": a.steps, "train.retrieval": a.retrieval})
-        from ratray.train.retro import resolve, run
+        from ratray.train.retro import format_summary, resolve, run
 
         if a.build_index:
             from ratray.build import build
 
             build(job, progress=not a.quiet)
         resolve(job)  # every config check, before any work
-        s = run(job, progress=not a.quiet)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    from ratray.train.retro import format_summary
+        return format_summary(run(job, progress=not a.quiet))
 
-    print(format_summary(s))
-    return 0
-
+    return run_job(work)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -10,7 +10,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
+from ratray.cli import run_job  # noqa: E402
 from ratray.train.retro import format_summary, load_summary  # noqa: E402
 
 
@@ -19,14 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default="work")
     p.add_argument("--run-name", default="retro-demo")
     a = p.parse_args(argv)
-    try:
-        s = load_summary(a.workdir, a.run_name)
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(format_summary(s))
-    return 0
-
+    return run_job(lambda: format_summary(load_summary(a.workdir, a.run_name)))
 
 if __name__ == "__main__":
     sys.exit(main())

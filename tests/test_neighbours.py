@@ -5,7 +5,7 @@ import pytest
 from ratray.build import embeddings_dir, index_dir
 from ratray.config import ServiceConfig
 from ratray.data.chunks import ChunkStore
-from ratray.retrieval.index import exact_search, load_manifest
+from ratray.retrieval.index import exact_search
 from ratray.retrieval.neighbours import (ChunkVectors, DocCodes, NeighbourFetcher, ensure_chunk_vectors,
                                          excluded_docs, filter_candidates, neighbour_tokens,
                                          precompute_neighbours, sequence_layout)

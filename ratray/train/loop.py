@@ -20,6 +20,24 @@ import numpy as np
 CKPT_TAG = "ds"  # DeepSpeed checkpoint tag inside every Ray Train checkpoint folder
 
 
+def make_trainer(train_fn, loop_config: dict, t, workdir: str):
+    """The Ray Train `TorchTrainer` of a run: `t.num_workers` workers, resumable by `t.run_name`
+    (same storage path + name = resume), `t.max_failures` retries, `t.keep_checkpoints` kept."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    storage = t.storage_path or str((Path(workdir) / "ray_results").resolve())
+    return TorchTrainer(
+        train_fn,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                     resources_per_worker={"CPU": t.cpus_per_worker}),
+        run_config=RunConfig(name=t.run_name, storage_path=storage,
+                             failure_config=FailureConfig(max_failures=t.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints)),
+    )
+
+
 def _world():
     import ray.train
 

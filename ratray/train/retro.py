@@ -81,14 +81,12 @@ def resolve(job: RetroJobConfig) -> Prepared:
 def run(job: RetroJobConfig, progress: bool = True) -> dict:
     """Train (or resume) and return the summary written to `<workdir>/runs/<run_name>/summary.json`."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     from ratray.build import embeddings_dir
     from ratray.retrieval.neighbours import ChunkVectors, ensure_chunk_vectors, precompute_neighbours
     from ratray.retrieval.service import ShardedIndex
     from ratray.tracking import tracking_uri
-    from ratray.train.loop import train_loop
+    from ratray.train.loop import make_trainer, train_loop
 
     t0 = time.perf_counter()
     job = dataclasses.replace(job, workdir=str(Path(job.workdir).resolve()))  # workers share paths
@@ -122,19 +120,10 @@ def run(job: RetroJobConfig, progress: bool = True) -> dict:
         paths["vectors_path"] = str(vec_path)
         timings["retrieval_prep_s"] = time.perf_counter() - tv
 
-    storage = t.storage_path or str((Path(job.workdir) / "ray_results").resolve())
     loop_config = {"job": to_dict(job), "model": mcfg, "store_path": str(store.path),
                    "service_name": svc.name, "namespace": svc.namespace, "run_dir": str(prep.run_dir),
                    **paths}
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
-                                     resources_per_worker={"CPU": t.cpus_per_worker}),
-        run_config=RunConfig(name=t.run_name, storage_path=storage,
-                             failure_config=FailureConfig(max_failures=t.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints)),
-    )
+    trainer = make_trainer(train_loop, loop_config, t, job.workdir)
     tf = time.perf_counter()
     try:
         result = trainer.fit()

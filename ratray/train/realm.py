@@ -1,0 +1,202 @@
+"""The REALM pretraining driver: knowledge blocks, the first index, the refresh service, Ray Train.
+
+    validate config (before any work)
+      └─ wordpiece chunk store (blocks of ≤ block_tokens) ─ doc tower from the pretrained encoder
+         ─ RefreshService.initial: embed every block, build index v1 ─ shard actors (ShardedIndex)
+         ─ TorchTrainer(realm_loop.train_loop): DeepSpeed workers query the shards (prefetched one
+           batch ahead) and, every `refresh.every` steps, hand the doc tower's weights to the
+           refresh service, which re-embeds and hot-swaps the index while training goes on
+         ─ summary.json (+ MLflow)
+
+Everything of a run lives in `<workdir>/runs/<run_name>/` (its index versions under `index/`), so
+re-running with the same `train.run_name` resumes: Ray Train restores the checkpoint, the refresh
+service finds the index versions on disk and the worker restores the checkpoint's index version.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ratray.config import ConfigError, RealmJobConfig, ServiceConfig, to_dict
+from ratray.data.chunks import ChunkStore
+
+# ---------------------------------------------------------------------------------------------
+# the doc-tower embedder handed to the refresh service (runs in its Ray tasks)
+
+
+class DocTowerEmbedder:
+    """`embedder(weights, tokens (n t)) -> (n p)`: REALM's doc tower with the given weights."""
+
+    def __init__(self, model: dict, batch_size: int = 64):
+        self.model, self.batch_size = model, batch_size
+        self._tower = None
+
+    def __getstate__(self) -> dict:
+        return {"model": self.model, "batch_size": self.batch_size}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["model"], state["batch_size"])
+
+    def __call__(self, weights: dict, tokens: np.ndarray) -> np.ndarray:
+        import torch
+
+        from ratray.models.realm import RealmConfig, Tower
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"  # a task given a GPU share sees one
+        if self._tower is None:
+            self._tower = Tower(RealmConfig(**self.model)).eval().to(device)
+        self._tower.load_state_dict({k: torch.as_tensor(v).float() for k, v in weights.items()})
+        out = []
+        with torch.no_grad():
+            for s in range(0, len(tokens), self.batch_size):
+                x = torch.from_numpy(np.asarray(tokens[s:s + self.batch_size], dtype=np.int64))
+                out.append(self._tower(x.to(device)).float().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.model.get("proj_dim", 128)), np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# validation
+
+
+@dataclasses.dataclass
+class Prepared:
+    store: ChunkStore
+    model: dict  # resolved RealmConfig fields
+    weights: Path  # the pretrained encoder's model.safetensors
+    run_dir: Path
+    index_root: Path
+
+
+def resolve(job: RealmJobConfig, progress: bool = True) -> Prepared:
+    """Build (or reuse) the wordpiece chunk store and resolve the model; ConfigError on mismatch."""
+    from ratray.data.chunks import build_chunk_store
+    from ratray.models.realm import RealmConfig
+    from ratray.retrieval.embed import model_path
+
+    try:
+        weights = model_path(job.chunks.wordpiece_model) / "model.safetensors"
+    except Exception as e:  # noqa: BLE001 — a missing package/model is a config problem here
+        raise ConfigError(f"config 'chunks.wordpiece_model': {e}") from None
+    if not weights.is_file():
+        raise ConfigError(f"config 'chunks.wordpiece_model': no model.safetensors at {weights}")
+    store = build_chunk_store(job.corpus, job.chunks, Path(job.workdir) / "chunks", progress)
+    tok = store.tokenizer
+    if getattr(tok, "kind", "bpe") != "wordpiece":
+        raise ConfigError(f"chunk store {store.path} is not a wordpiece store")
+    m = dict(job.model)
+    m.update(vocab_size=tok.vocab_size, pad_id=tok.pad_id, cls_id=tok.cls_id, sep_id=tok.sep_id,
+             mask_id=tok.mask_id, block_tokens=store.chunk_tokens)
+    try:
+        mcfg = RealmConfig(**m)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config 'model': {e}") from None
+    n_train, n_val = len(store.split_ids("train")), len(store.split_ids("val"))
+    if n_val == 0:
+        raise ConfigError(f"chunk store {store.path} has no validation blocks (corpus.val_fraction)")
+    if len(store) < mcfg.k:
+        raise ConfigError(f"config 'model.k': {mcfg.k} candidates but the corpus has {len(store)} blocks")
+    if job.train.micro_batch * job.train.num_workers > n_train:
+        raise ConfigError(f"config 'train.micro_batch': a step needs {job.train.micro_batch} x "
+                          f"{job.train.num_workers} queries, the train split has {n_train} blocks")
+    run_dir = Path(job.workdir) / "runs" / job.train.run_name
+    return Prepared(store, dataclasses.asdict(mcfg), weights, run_dir, run_dir / "index")
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+
+
+def run(job: RealmJobConfig, progress: bool = True) -> dict:
+    """Train (or resume) and return the summary written to `<run_dir>/summary.json`."""
+    import ray
+
+    from ratray.models.realm import Realm, RealmConfig
+    from ratray.retrieval.refresh import launch_refresh_service, put_weights
+    from ratray.retrieval.service import ShardedIndex
+    from ratray.tracking import tracking_uri
+    from ratray.train.loop import make_trainer
+    from ratray.train.realm_loop import train_loop
+
+    t0 = time.perf_counter()
+    job = dataclasses.replace(job, workdir=str(Path(job.workdir).resolve()))  # workers share paths
+    if not ray.is_initialized():
+        ray.init(namespace=job.service.namespace, log_to_driver=True)
+    prep = resolve(job, progress)
+    t = job.train
+    prep.run_dir.mkdir(parents=True, exist_ok=True)
+    svc = ServiceConfig(**{**to_dict(job.service), "name": f"{t.run_name}-index"})
+
+    # the first index version: the pretrained doc tower over every block (reused on resume)
+    timings: dict[str, float] = {}
+    ti = time.perf_counter()
+    embedder = DocTowerEmbedder(prep.model)
+    refresh = launch_refresh_service(prep.index_root, prep.store, job.index, svc, job.refresh, embedder)
+    first = Realm.from_pretrained(RealmConfig(**prep.model), prep.weights).doc_state_dict()
+    initial = ray.get(refresh.initial.remote(put_weights(first), 0))
+    del first
+    index = ShardedIndex.launch(str(prep.index_root), svc)
+    timings["initial_index_s"] = time.perf_counter() - ti
+
+    loop_config = {"job": to_dict(job), "model": prep.model, "store_path": str(prep.store.path),
+                   "weights": str(prep.weights), "service_name": svc.name,
+                   "namespace": svc.namespace, "run_dir": str(prep.run_dir)}
+    trainer = make_trainer(train_loop, loop_config, t, job.workdir)
+    tf = time.perf_counter()
+    try:
+        result = trainer.fit()
+        status = ray.get(refresh.status.remote())
+    finally:
+        index.shutdown()
+        ray.kill(refresh, no_restart=True)
+    timings["fit_s"] = time.perf_counter() - tf
+    timings["total_s"] = time.perf_counter() - t0
+    metrics = dict(result.metrics or {})
+    summary = {
+        "run_name": t.run_name,
+        "model_type": "realm",
+        "steps": metrics.get("step"),
+        "final": metrics,
+        "val_acc_retrieval": metrics.get("val_acc_retrieval"),
+        "val_acc_null": metrics.get("val_acc_null"),
+        "val_retrieval_utility": metrics.get("val_retrieval_utility"),
+        "refresh": {"every": job.refresh.every, "initial": initial,
+                    **{k: status[k] for k in ("serving_version", "serving_step", "requested",
+                                              "completed", "failed", "coalesced", "last_error")},
+                    "history": status["history"]},
+        "wall_time_s": round(timings["total_s"], 1),
+        "timings": {k: round(v, 2) for k, v in timings.items()},
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "mlflow": {"tracking_uri": tracking_uri(job.workdir), "experiment": job.experiment,
+                   "run_id": metrics.get("mlflow_run_id")},
+        "run_dir": str(prep.run_dir.resolve()),
+        "chunk_store": str(prep.store.path),
+        "model": prep.model,
+    }
+    (prep.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    from ratray.train.retro import _log_summary
+
+    _log_summary(job.workdir, metrics.get("mlflow_run_id"), prep.run_dir / "summary.json")
+    return summary
+
+
+def format_summary(s: dict) -> str:
+    f = s["final"]
+    r = s["refresh"]
+    lines = [f"REALM run {s['run_name']}: {s['steps']} steps in {s['wall_time_s']} s",
+             f"  masked-token accuracy (val): with retrieval {_fmt(s['val_acc_retrieval'])}, "
+             f"null document only {_fmt(s['val_acc_null'])}",
+             f"  retrieval utility (val): {_fmt(s['val_retrieval_utility'])} nats per query",
+             f"  index: serving version {r['serving_version']} (weights of step {r['serving_step']}), "
+             f"{r['completed']} builds, {r['failed']} failed, {r['coalesced']} coalesced requests",
+             f"  final train loss {_fmt(f.get('loss'))}",
+             f"  summary: {s['run_dir']}/summary.json; MLflow: {s['mlflow']['tracking_uri']} "
+             f"(run {s['mlflow']['run_id']})"]
+    return "\n".join(lines)
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.4f}"

@@ -1,0 +1,75 @@
+"""REALM end to end on the session's Ray: wordpiece blocks, index v1 from the pretrained doc tower,
+Ray Train + DeepSpeed workers, asynchronous refreshes, MLflow, resume with the index version."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from ratray.config import ConfigError, RealmJobConfig, load_config
+
+SMALL_REALM = ["chunks.tokenizer=wordpiece", "chunks.chunk_tokens=32", "corpus.max_bytes=40000",
+               "corpus.val_fraction=0.2", "index.factory=Flat", "index.metric=ip", "index.shards=2",
+               "model.retriever_layers=1", "model.reader_layers=1", "model.query_tokens=16", "model.k=3",
+               "train.steps=4", "train.micro_batch=4", "train.num_workers=2", "train.warmup_steps=1",
+               "train.lr=1e-4", "train.log_every=2", "train.checkpoint_every=2", "refresh.every=2",
+               "eval_queries=16", "train.run_name=realm-test"]
+
+
+def test_realm_config_names_what_is_wrong():
+    with pytest.raises(ConfigError, match="chunks.tokenizer"):
+        load_config(RealmJobConfig, None, ["index.metric=ip"])
+    with pytest.raises(ConfigError, match="index.metric"):
+        load_config(RealmJobConfig, None, ["chunks.tokenizer=wordpiece"])
+    with pytest.raises(ConfigError, match="model.block_tokens"):
+        load_config(RealmJobConfig, None, ["chunks.tokenizer=wordpiece", "index.metric=ip",
+                                           "model.block_tokens=64"])
+    with pytest.raises(ConfigError, match="refresh.every"):
+        load_config(RealmJobConfig, None, SMALL_REALM + ["refresh.every=-1"])
+
+
+def test_realm_trains_refreshes_and_resumes_with_its_index_version(ray_session, tmp_path):
+    import mlflow
+
+    from ratray.retrieval.index import load_manifest
+    from ratray.retrieval.service import serving_dir, version_dir, write_current
+    from ratray.tracking import tracking_uri
+    from ratray.train.realm import run
+
+    job = load_config(RealmJobConfig, None, SMALL_REALM + [f"workdir={tmp_path}"])
+    s = run(job, progress=False)
+    f = s["final"]
+    assert s["steps"] == 4 and s["refresh"]["failed"] == 0
+    assert s["refresh"]["initial"]["version"] == 1 and s["refresh"]["requested"] >= 1
+    for key in ("loss", "acc_retrieval", "acc_null", "retrieval_utility", "index_version",
+                "staleness_steps", "val_acc_retrieval", "val_acc_null", "val_retrieval_utility"):
+        assert key in f, key
+    assert 0 <= f["val_acc_null"] <= 1 and f["val_queries"] > 0
+    run_dir = tmp_path / "runs" / "realm-test"
+    assert (run_dir / "summary.json").is_file() and (run_dir / "masked_accuracy.png").is_file()
+
+    mlflow.set_tracking_uri(tracking_uri(tmp_path))
+    client = mlflow.tracking.MlflowClient()
+    losses = [m.value for m in sorted(client.get_metric_history(s["mlflow"]["run_id"], "loss"),
+                                      key=lambda m: m.step)]
+    assert len(losses) == 2 and losses[-1] < losses[0]  # the marginal likelihood is being learned
+    assert client.get_metric_history(s["mlflow"]["run_id"], "index_serving_version")
+
+    # a refresh that finished after the last checkpoint: the disk now serves a newer version ...
+    ckpt_version = int(f["index_serving_version"])
+    root = run_dir / "index"
+    newest = max(int(p.name[1:]) for p in (root / "versions").iterdir())
+    shutil.copytree(serving_dir(root), version_dir(root, newest + 1))
+    m = load_manifest(version_dir(root, newest + 1))
+    m.version = newest + 1
+    (version_dir(root, newest + 1) / "manifest.json").write_text(m.to_json())
+    write_current(root, version_dir(root, newest + 1))
+    # ... but the resumed run serves the version its checkpoint was trained against
+    job2 = load_config(RealmJobConfig, None, SMALL_REALM + [f"workdir={tmp_path}", "train.steps=6",
+                                                            "train.warmup_steps=1"])
+    s2 = run(job2, progress=False)
+    assert s2["steps"] == 6 and s2["mlflow"]["run_id"] == s["mlflow"]["run_id"]
+    assert s2["final"]["index_version_restored"] == ckpt_version
+    assert s2["refresh"]["serving_version"] == ckpt_version
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 6
