@@ -30,7 +30,7 @@ def test_realm_config_names_what_is_wrong():
 
 
 def test_realm_trains_refreshes_and_resumes_with_its_index_version(ray_session, tmp_path):
-    import mlflow
+    from mlflow import MlflowClient
 
     from ratray.retrieval.index import load_manifest
     from ratray.retrieval.service import serving_dir, version_dir, write_current
@@ -49,8 +49,9 @@ def test_realm_trains_refreshes_and_resumes_with_its_index_version(ray_session, 
     run_dir = tmp_path / "runs" / "realm-test"
     assert (run_dir / "summary.json").is_file() and (run_dir / "masked_accuracy.png").is_file()
 
-    mlflow.set_tracking_uri(tracking_uri(tmp_path))
-    client = mlflow.tracking.MlflowClient()
+    # a client of its own: mlflow.set_tracking_uri would also set MLFLOW_TRACKING_URI for the
+    # rest of the session (and send later tests' drivers to this run's database)
+    client = MlflowClient(tracking_uri(tmp_path))
     losses = [m.value for m in sorted(client.get_metric_history(s["mlflow"]["run_id"], "loss"),
                                       key=lambda m: m.step)]
     assert len(losses) == 2 and losses[-1] < losses[0]  # the marginal likelihood is being learned
