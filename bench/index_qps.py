@@ -6,8 +6,8 @@
 One run builds a Flat and an IVF-PQ index over the same vectors (a seeded Gaussian mixture of
 unit vectors with an embedding-like spectrum), then for each measures queries per second of
   * faiss:      one FAISS index holding every vector, searched in this process (all cores),
-  * sharded:    the shards searched in this process with the service's code (exact re-scoring of
-                candidates + merge), i.e. the service minus Ray,
+  * sharded:    the shards searched in this process with the service's code (`search_topk`, whose
+                distances do not depend on the batch, + exact merge), i.e. the service minus Ray,
   * service:    `ShardedIndex` over `--shards` IndexShard actors on a local Ray (num_cpus=2),
 for a batch of `--queries` (best and median of `--reps`), plus the latency of an 8-query batch.
 The ratio service/faiss is the price of serving the index from actors.
@@ -89,7 +89,7 @@ def bench_one(name: str, factory: str, vectors, ids, queries, args, workdir: Pat
     print(f"[{name}] built {m.factory} (requested {m.factory_requested}) in {build_s:.1f} s, "
           f"nprobe={m.nprobe}", flush=True)
 
-    faiss.omp_set_num_threads(os.cpu_count() or 1)
+    faiss.omp_set_num_threads(len(os.sched_getaffinity(0)))  # every core this process may use
     one, one_ids = merged_index(workdir / name)
     shards = [load_shard(workdir / name, i, m) for i in range(m.num_shards)]
     small = queries[:8]
@@ -102,14 +102,18 @@ def bench_one(name: str, factory: str, vectors, ids, queries, args, workdir: Pat
         _, P_one = one.search(queries, k)
         _, I_sh = search_shards(shards, queries, k, m.metric)
         got = svc.search(queries, k)
-        res.update(timed_interleaved({
-            "faiss": lambda: one.search(queries, k),
-            "sharded": lambda: search_shards(shards, queries, k, m.metric),
-            "service": lambda: svc.search(queries, k)}, reps))
-        res.update(timed_interleaved({
-            "faiss_8": lambda: one.search(small, k),
-            "sharded_8": lambda: search_shards(shards, small, k, m.metric),
-            "service_8": lambda: svc.search(small, k)}, 5 * reps))
+        big = {"faiss": lambda: one.search(queries, k),
+               "sharded": lambda: search_shards(shards, queries, k, m.metric),
+               "service": lambda: svc.search(queries, k)}
+        few = {"faiss_8": lambda: one.search(small, k),
+               "sharded_8": lambda: search_shards(shards, small, k, m.metric),
+               "service_8": lambda: svc.search(small, k)}
+        res.update(timed_interleaved(big, reps))
+        # each actor's own time per batch (its search_topk, no Ray): the gap to the service's
+        # time is Ray + merge, the gap between the shards is uneven work
+        res["actor_batch_ms"] = [1e3 * inf["search_s"] / max(1, inf["searches"])
+                                 for inf in svc.info()]
+        res.update(timed_interleaved(few, 5 * reps))
         res["actor_cpus_free"] = ray.available_resources().get("CPU", 0.0)
     finally:
         svc.shutdown()
@@ -121,6 +125,7 @@ def bench_one(name: str, factory: str, vectors, ids, queries, args, workdir: Pat
         res[f"{key}_qps_best"] = nq / min(ts)
         res[f"{key}_qps_median"] = nq / statistics.median(ts)
         res[f"{key}_8_ms_median"] = 1e3 * statistics.median(res[f"{key}_8"])
+    res["service_batch_ms_mean"] = 1e3 * statistics.mean(res["service"])
     res["ratio_best"] = res["service_qps_best"] / res["faiss_qps_best"]
     res["ratio_median"] = res["service_qps_median"] / res["faiss_qps_median"]
     return res
@@ -183,6 +188,9 @@ def main(argv: list[str] | None = None) -> dict:
               f"{r['service_equals_sharded']}; "
               f"ids equal to one FAISS index: {100 * r['service_ids_vs_faiss']:.2f}%; "
               f"CPUs left free by actors: {r['actor_cpus_free']:g}")
+        print(f"  per {args.queries}-query batch: actors search "
+              f"{' / '.join(f'{t:.0f}' for t in r['actor_batch_ms'])} ms each, "
+              f"service call {r['service_batch_ms_mean']:.0f} ms (mean)")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2, default=float))
         print(f"results written to {args.out}")

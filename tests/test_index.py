@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 
 from ratray.config import IndexConfig
+from ratray.retrieval import index as ix
 from ratray.retrieval.index import (IndexBuildError, Manifest, build_index, exact_search,
                                     load_manifest, load_shard, merge_topk, recall_at_k,
-                                    resolve_factory, search_shards)
+                                    resolve_factory, search_shards, search_topk)
 
 import faiss  # noqa: E402  (after ratray.retrieval.index, which sets OMP_WAIT_POLICY first)
 
@@ -266,3 +267,118 @@ def test_recall_at_k_counts_found_true_neighbours():
     exact = np.array([[1, 2, 3, 4], [5, 6, 7, 8]])
     approx = np.array([[4, 3, 9, -1], [5, 6, 7, 8]])
     assert recall_at_k(approx, exact) == pytest.approx(6 / 8)
+
+
+# ---------------------------------------------------------------------------------------------
+# IVF-PQ: batch-independent distances without decoding (index._ivfpq_topk)
+
+
+@pytest.fixture(scope="module")
+def pq_data():
+    x = mixture(10_200, seed=5)
+    return x[:10_000], chunk_ids(10_000), x[10_000:]  # database, ids, held-out queries
+
+
+def _pq_shards(tmp_path, x, ids, metric="l2", shards=2, name="pq"):
+    m = build_index(x, ids, tmp_path / name, IndexConfig(factory="IVF64,PQ48", nprobe=8,
+                                                          shards=shards, metric=metric), "test")
+    assert m.factory == "IVF64,PQ48"
+    return [load_shard(tmp_path / name, i, m) for i in range(m.num_shards)], m
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_ivfpq_top_k_does_not_depend_on_batch_or_sharding(tmp_path, pq_data, metric):
+    x, ids, q = pq_data
+    two, m2 = _pq_shards(tmp_path, x, ids, metric, 2, "two")
+    one, _ = _pq_shards(tmp_path, x, ids, metric, 1, "one")
+    assert m2.extra["shard_split"] == "ivf_lists"
+    D, I = search_shards(two, q, 10, metric)
+    D1, I1 = search_shards(one, q, 10, metric)
+    assert np.array_equal(I, I1) and np.array_equal(D, D1)  # bitwise: 2 list shards == 1 index
+    # one query at a time (below the BLAS threshold: FAISS's other distance code) and odd batches
+    for part in (slice(0, 1), slice(1, 2), slice(5, 12), slice(12, 80)):
+        Dp, Ip = search_shards(two, q[part], 10, metric)
+        assert np.array_equal(Ip, I[part]) and np.array_equal(Dp, D[part])
+    # split over 1 or 3 threads (the slices are searched on Python threads): the same answer
+    threads = faiss.omp_get_max_threads()
+    try:
+        for t in (1, 3):
+            faiss.omp_set_num_threads(t)
+            Dt, It = search_shards(two, q, 10, metric)
+            assert np.array_equal(It, I) and np.array_equal(Dt, D)
+    finally:
+        faiss.omp_set_num_threads(threads)
+    # row-split shards (each holds part of every list, at other positions in it) agree too
+    trained = faiss.clone_index(faiss.downcast_index(one[0][0]))
+    trained.reset()
+    halves = []
+    for rows in (np.arange(0, 4_000), np.arange(4_000, 10_000)):
+        part = faiss.clone_index(trained)
+        part.add(x[rows])
+        halves.append((part, ids[rows]))
+    Dr, Ir = search_shards(halves, q, 10, metric)
+    assert np.array_equal(Ir, I) and np.array_equal(Dr, D)
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_ivfpq_fast_path_equals_rescoring_the_decoded_vectors(tmp_path, pq_data, metric):
+    """Without near-ties, FAISS's table distances give the same top-k as re-scoring every
+    candidate against its decoded vector (the generic path, fed the decoded vectors)."""
+    x, ids, q = pq_data
+    shards, _ = _pq_shards(tmp_path, x, ids, metric)
+    for index, shard_ids in shards:
+        assert ix._plain_ivfpq(index, metric) is not None  # the no-decoding path is taken
+        decoded = index.reconstruct_n(0, index.ntotal)  # (n_s, d)
+        D, I = search_topk(index, shard_ids, q, 10, metric)
+        D_dec, I_dec = search_topk(index, shard_ids, q, 10, metric, vectors=decoded)
+        assert np.array_equal(I, I_dec)
+        np.testing.assert_allclose(D, D_dec, rtol=1e-5, atol=1e-5)
+
+
+def test_ivfpq_duplicates_come_back_in_chunk_id_order(tmp_path, pq_data):
+    """12 copies of a vector share one code in one list: an exact tie wider than k + 1."""
+    x, _, q = pq_data
+    dup = np.concatenate([x, np.repeat(x[:3], 12, axis=0)])
+    dup_ids = np.random.default_rng(1).permutation(len(dup)).astype(np.int64) * 2 + 1
+    shards, _ = _pq_shards(tmp_path, dup, dup_ids)
+    D, I = search_shards(shards, np.concatenate([x[:3], q]), 10, "l2")
+    D40, I40 = search_shards(shards, np.concatenate([x[:3], q]), 40, "l2")
+    assert np.array_equal(I, I40[:, :10]) and np.array_equal(D, D40[:, :10])
+    for j in range(3):  # each copied vector finds its 13 copies first, smallest chunk ids first
+        copies = np.sort(dup_ids[np.flatnonzero((dup == x[j]).all(1))])
+        assert len(copies) == 13 and I[j].tolist() == copies[:10].tolist()
+        assert (D[j] == D[j, 0]).all() and (D40[j, :13] == D[j, 0]).all()
+    for Dr, Ir in zip(D40, I40):  # within every run of equal distances, ids ascend
+        same = np.diff(Dr) == 0
+        assert (np.diff(Ir)[same] > 0).all()
+
+
+def test_only_plain_ivfpq_takes_the_no_decoding_path():
+    d, x = 32, mixture(1_000, dim=32)
+    for factory, plain in (("IVF8,PQ8x4", True), ("OPQ8,IVF8,PQ8x4", False), ("IVF8,Flat", False),
+                           ("IVF8,PQ8x4fs", False), ("Flat", False)):
+        index = faiss.index_factory(d, factory)
+        index.train(x)
+        assert (ix._plain_ivfpq(index, "l2") is not None) == plain, factory
+        assert ix._plain_ivfpq(index, "ip") is None  # not the index's metric
+    assert ix._plain_ivfpq(faiss.index_factory(d, "IVF8,PQ8x4"), "l2") is None  # untrained
+
+
+def test_coarse_ties_go_to_the_smaller_list_number():
+    """Eight identical centroids, nprobe 2: the probed lists are the two smallest numbers among
+    them, whatever the batch (the candidate window has to widen past the tie)."""
+    rng = np.random.default_rng(0)
+    d = 32
+    cents = rng.standard_normal((40, d)).astype(np.float32)
+    twins = [3, 7, 12, 20, 21, 30, 33, 39]
+    cents[twins] = cents[3]
+    quantizer = faiss.IndexFlatL2(d)
+    quantizer.add(cents)
+    ivf = faiss.IndexIVFPQ(quantizer, d, 40, 8, 8)
+    ivf.train(rng.standard_normal((3_000, d)).astype(np.float32))
+    ivf.nprobe = 2
+    q = cents[3] + 1e-3 * rng.standard_normal((40, d)).astype(np.float32)
+    lists, dists = ix._coarse_assign(ivf, q, "l2")
+    assert lists.tolist() == [[3, 7]] * 40 and (dists[:, 0] == dists[:, 1]).all()
+    for i in (0, 17):  # one at a time: FAISS's non-BLAS quantizer search, same answer
+        assert np.array_equal(ix._coarse_assign(ivf, q[i: i + 1], "l2")[0], lists[i: i + 1])

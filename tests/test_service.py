@@ -155,7 +155,12 @@ def test_version_mismatch_is_detected(ray_session, data, tmp_path):
     try:
         assert index.search(q[:4], 5).version == 1
         build_index(x[:400], ids[:400], out, cfg, "t", version=2)  # swapped in on disk
-        ray.kill(ray.get_actor(actor_name("versioned", 1), namespace=NS), no_restart=False)
+        shard1 = ray.get_actor(actor_name("versioned", 1), namespace=NS)
+        pid = ray.get(shard1.info.remote())["pid"]
+        ray.kill(shard1, no_restart=False)
+        deadline = time.monotonic() + 60  # ray.kill is asynchronous: wait for the restart
+        while ray.get(shard1.info.remote())["pid"] == pid and time.monotonic() < deadline:
+            time.sleep(0.1)
         with pytest.raises(ShardVersionError, match=r"\[1, 2\]"):
             index.search(q[:4], 5)  # shard 1 restarted on version 2, shard 0 still on 1
     finally:

@@ -4,7 +4,9 @@ One index directory holds `shard_{i}.faiss` (plain `faiss.write_index`), `shard_
 (int64 chunk id of every row of that shard) and `manifest.json` (written last). All shards share
 ONE trained quantizer (trained once, then cloned), so searching every shard with the same
 nprobe and merging the per-shard top-k gives exactly the top-k of a single index over all rows.
-Candidates are re-scored exactly, so results never depend on how queries were batched.
+Every reported distance is computed pair by pair (candidates re-scored exactly; for IVF-PQ, FAISS's
+own table distances with pairwise coarse distances), so results never depend on how queries were
+batched, and equal distances come out in chunk-id order.
 
 This module knows nothing of Ray; `service.py` wraps a shard in an actor.
 """
@@ -24,6 +26,7 @@ import re
 import shutil
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -274,6 +277,7 @@ def load_shard(index_dir: str | Path, i: int, manifest: Manifest | None = None,
     return index, ids.astype(np.int64, copy=False)
 
 
+
 # ---------------------------------------------------------------------------------------------
 # exact search, merge, recall
 
@@ -358,11 +362,14 @@ def search_topk(index: faiss.Index, ids: np.ndarray, queries: np.ndarray, k: int
                 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k of one index: D (b, k) float32, chunk ids (b, k) int64 (-1 padding).
 
-    With `exact_ties` (flat indexes, `vectors`, or `enable_reconstruct(index)`), FAISS proposes
-    k + TIE_MARGIN candidates, which are re-scored pair by pair from the stored vectors (decoded
-    for compressed indexes) and sorted by (distance, chunk id): the answer is the same whatever
-    batch a query arrives in, and duplicates come out in chunk-id order. A row whose candidates
-    are (near-)tied up to the last one is searched again with 4x more candidates.
+    With `exact_ties`, every distance is a function of (query, stored vector) alone — never of
+    the batch the query came in — and equal distances come out in chunk-id order:
+      * plain IVF-PQ (`_plain_ivfpq`): FAISS's own lookup-table distances, with the coarse
+        distances they add computed pair by pair (`_ivfpq_topk`); no candidate is decoded.
+      * anything else (flat indexes, `vectors`, or `enable_reconstruct(index)`): FAISS proposes
+        k + TIE_MARGIN candidates, re-scored pair by pair from the stored vectors (decoded for
+        compressed indexes). A row whose candidates are (near-)tied up to the last one is
+        searched again with 4x more candidates.
     """
     q = np.ascontiguousarray(queries, dtype=np.float32)
     n = index.ntotal
@@ -370,6 +377,9 @@ def search_topk(index: faiss.Index, ids: np.ndarray, queries: np.ndarray, k: int
     if not exact_ties or kk == 0:
         D, P = index.search(q, kk)  # (b, kk) float32, row positions
         return D, np.where(P >= 0, ids[np.maximum(P, 0)], -1)
+    ivfpq = _plain_ivfpq(index, metric) if vectors is None else None
+    if ivfpq is not None:
+        return _ivfpq_topk(ivfpq, ids, q, kk, metric)
     D_out = np.empty((len(q), kk), np.float32)
     I_out = np.empty((len(q), kk), np.int64)
     no_id = np.iinfo(np.int64).max  # padding sorts after every real chunk id
@@ -389,6 +399,110 @@ def search_topk(index: faiss.Index, ids: np.ndarray, queries: np.ndarray, k: int
             open_tie = np.isfinite(last) & (last - kth <= 1e-5 * (1.0 + np.abs(kth)))
         if cand >= n:
             open_tie[:] = False
+        done = ~open_tie
+        D_out[rows[done]] = key[done, :kk] if metric == "l2" else -key[done, :kk]
+        I_out[rows[done]] = np.where(gid[done, :kk] == no_id, -1, gid[done, :kk])
+        rows, cand = rows[open_tie], min(n, cand * 4)
+    return D_out, I_out
+
+
+def _plain_ivfpq(index: Any, metric: str) -> faiss.IndexIVFPQ | None:
+    """`index` as an IndexIVFPQ whose distances `_ivfpq_topk` can make batch-independent: no
+    vector transform in front, a flat coarse quantizer, no polysemous filter, the same metric."""
+    if not isinstance(index, faiss.Index):  # e.g. ratray.retrieval.gpu.GpuIndex
+        return None
+    ivf = faiss.downcast_index(index)
+    if type(ivf) is not faiss.IndexIVFPQ or ivf.polysemous_ht != 0 \
+            or ivf.metric_type != _faiss_metric(metric):
+        return None
+    quantizer = faiss.downcast_index(ivf.quantizer)
+    if not isinstance(quantizer, faiss.IndexFlat) or quantizer.ntotal != ivf.nlist:
+        return None
+    return ivf
+
+
+def _coarse_assign(ivf: faiss.IndexIVF, q: np.ndarray, metric: str
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """The nprobe lists each query probes, (b, nprobe) int64, and their coarse distances
+    (b, nprobe) float32 (FAISS's convention: l2 distance / inner product), both computed pair by
+    pair, so neither depends on the batch.
+
+    FAISS's quantizer search (BLAS for batches, hence batch-dependent in the last bits) proposes
+    nprobe + margin centroids; they are re-scored exactly and sorted by (distance, list number).
+    A centroid it did not propose is approximately no closer than the last one proposed; if
+    that last one is not clearly (by more than the rounding bound `tol`) beyond the nprobe-th,
+    the row is asked again with twice as many."""
+    quantizer = faiss.downcast_index(ivf.quantizer)
+    centroids = _stored_vectors(quantizer)  # (nlist, d)
+    nlist, (b, d) = int(ivf.nlist), q.shape
+    nprobe = max(1, min(int(ivf.nprobe), nlist))
+    # |BLAS - pairwise| <= ~4 (d + 2) u (|q|^2 + |c|^2) for either metric (u = 2^-24); doubled
+    scale = np.einsum("ij,ij->i", q, q) + float(np.einsum("ij,ij->i", centroids, centroids).max())
+    tol = 8.0 * (d + 2) * 2.0 ** -24 * scale  # (b,)
+    lists = np.empty((b, nprobe), np.int64)
+    dists = np.empty((b, nprobe), np.float32)
+    rows, m = np.arange(b), min(nlist, nprobe + max(2, nprobe // 4))
+    while len(rows):
+        qr = np.ascontiguousarray(q[rows])
+        A, L = quantizer.search(qr, m)  # (r, m) approximate distances, list numbers
+        key = _candidate_keys(quantizer, centroids, qr, L, metric)  # exact, ascending is better
+        order = np.lexsort((L, key), axis=-1)
+        key, L = np.take_along_axis(key, order, 1), np.take_along_axis(L, order, 1)
+        last = A[:, -1] if metric == "l2" else -A[:, -1]  # no unproposed centroid is below this
+        settled = (m >= nlist) | (last - tol[rows] > key[:, nprobe - 1])
+        lists[rows[settled]] = L[settled, :nprobe]
+        dists[rows[settled]] = key[settled, :nprobe] if metric == "l2" else -key[settled, :nprobe]
+        rows, m = rows[~settled], min(nlist, 2 * m)
+    return lists, dists
+
+
+def _search_preassigned(ivf: faiss.IndexIVF, q: np.ndarray, k: int, lists: np.ndarray,
+                        coarse: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`ivf.search_preassigned` over as many threads as `ivf.search` would use.
+
+    FAISS's own `search` splits the queries between its OpenMP threads and then calls
+    `search_preassigned` per slice, which by itself runs on one thread (parallel_mode 0); so do
+    the same split here, on Python threads (FAISS releases the GIL)."""
+    threads = min(faiss.omp_get_max_threads(), len(q))
+    if threads < 2:
+        return ivf.search_preassigned(np.ascontiguousarray(q), k, lists, coarse)
+    bounds = np.linspace(0, len(q), threads + 1).astype(np.int64)
+
+    def part(s: int) -> tuple[np.ndarray, np.ndarray]:
+        lo, hi = bounds[s], bounds[s + 1]
+        return ivf.search_preassigned(np.ascontiguousarray(q[lo:hi]), k, lists[lo:hi],
+                                      coarse[lo:hi])
+
+    with ThreadPoolExecutor(threads) as pool:
+        parts = list(pool.map(part, range(threads)))
+    return np.concatenate([D for D, _ in parts]), np.concatenate([P for _, P in parts])
+
+
+def _ivfpq_topk(ivf: faiss.IndexIVFPQ, ids: np.ndarray, q: np.ndarray, kk: int, metric: str
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """`search_topk` for a plain IVF-PQ index, without decoding a single candidate.
+
+    FAISS's IVF-PQ distance of (query, code) is the coarse distance of the code's list plus a
+    sum of lookup-table entries; the tables are computed per query (never across a batch) and
+    summed in the same order wherever the code sits, so once the coarse part comes from
+    `_coarse_assign` the distance is a function of (query, list, code): the same in any batch,
+    in one index or in list- or row-split shards. Identical codes in one list (duplicates) tie
+    exactly and are ordered by chunk id; FAISS returns kk + 1 candidates so that a tie across the
+    k-th place is seen, and such rows are asked again with 4x more."""
+    n = int(ivf.ntotal)
+    lists, coarse = _coarse_assign(ivf, q, metric)
+    D_out = np.empty((len(q), kk), np.float32)
+    I_out = np.empty((len(q), kk), np.int64)
+    no_id = np.iinfo(np.int64).max  # padding sorts after every real chunk id
+    rows, cand = np.arange(len(q)), min(n, kk + 1)
+    while len(rows):
+        D, P = _search_preassigned(ivf, q[rows], cand, lists[rows], coarse[rows])  # (r, cand)
+        key = D if metric == "l2" else -D  # ascending is better
+        key[P < 0] = np.inf
+        gid = np.where(P >= 0, ids[np.maximum(P, 0)], no_id)
+        order = np.lexsort((gid, key), axis=-1)
+        key, gid = np.take_along_axis(key, order, 1), np.take_along_axis(gid, order, 1)
+        open_tie = np.isfinite(key[:, -1]) & (key[:, -1] == key[:, kk - 1]) & (cand < n)
         done = ~open_tie
         D_out[rows[done]] = key[done, :kk] if metric == "l2" else -key[done, :kk]
         I_out[rows[done]] = np.where(gid[done, :kk] == no_id, -1, gid[done, :kk])

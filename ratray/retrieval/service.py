@@ -54,6 +54,7 @@ class ShardVersionError(RuntimeError):
     """Shards answered from different index versions (a swap is half-way; retry or relaunch)."""
 
 
+INLINE_QUERY_BYTES = 100_000  # Ray passes arguments below its 100 KiB inline limit by value
 CURRENT = "CURRENT"  # in a versioned index root: the folder (relative) of the serving version
 
 
@@ -415,7 +416,9 @@ class ShardedIndex:
         q = _check_queries(queries, self.dim)  # (b, d)
         if not 0 < k <= self.ntotal:
             raise ValueError(f"k={k} is out of range: the index holds {self.ntotal} vectors")
-        ref = ray.put(q)  # one copy in the object store, read by every shard
+        # a big batch goes into the object store once, read by every shard; a small one travels
+        # inline with each call (cheaper than an object-store round trip: 8 queries ~3 vs ~8 ms)
+        ref = ray.put(q) if q.nbytes >= INLINE_QUERY_BYTES else q
         return SearchFuture(self.actors, ref, k, self.metric)
 
     def search(self, queries: np.ndarray, k: int) -> SearchResult:
