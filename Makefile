@@ -15,7 +15,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export OMP_WAIT_POLICY ?= PASSIVE
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 
-.PHONY: venv test demo build-index bench lock clean
+.PHONY: venv test demo realm-demo build-index bench lock clean
 
 venv: $(STAMP)
 
@@ -35,12 +35,17 @@ test: venv
 demo: venv
 	bash cluster/demo.sh
 
+# REALM with a learned retriever and an index refreshed every 20 steps (~15-20 min on 2 cores).
+realm-demo: venv
+	$(PY) jobs/realm_pretrain.py --workdir $(WORKDIR) --config configs/realm_demo.yaml
+
 # Build the chunk store, embeddings and a sharded index over a capped stdlib corpus.
 build-index: venv
 	$(PY) jobs/build_index.py --workdir $(WORKDIR) --set corpus.max_docs=150
 
 bench: venv
 	$(PY) bench/index_qps.py
+	$(PY) bench/refresh.py
 
 # Re-freeze the pins from the current venv.
 lock:
