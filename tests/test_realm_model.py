@@ -174,3 +174,17 @@ def test_gradient_reaches_both_towers_and_raises_the_score_of_the_answer_documen
     p_a = lambda o: float(o["log_pz"][:, 0].exp().mean())  # noqa: E731
     assert p_a(after) > p_a(before) + 0.2, (p_a(before), p_a(after))
     assert float(after["loss"]) < float(before["loss"])
+
+
+def test_tower_projection_is_the_same_in_every_process():
+    """The driver builds index v1 with the doc tower's projection, the workers train the towers:
+    the map must come from the config, whatever the global RNG state of each process."""
+    cfg = tiny()
+    torch.manual_seed(1)
+    a = Realm(cfg)
+    torch.manual_seed(2)
+    b = Realm(cfg)
+    for name in ("query_tower.proj.weight", "doc_tower.proj.weight"):
+        assert torch.equal(a.state_dict()[name], b.state_dict()[name])
+    assert torch.equal(a.query_tower.proj.weight, a.doc_tower.proj.weight)
+    assert not torch.equal(Realm(tiny(init_seed=1)).doc_tower.proj.weight, a.doc_tower.proj.weight)

@@ -70,6 +70,7 @@ class RealmConfig:
     query_tokens: int = 64  # q: wordpieces of a masked query
     block_tokens: int = 288  # t: wordpieces of a knowledge block (REALM: 288)
     dropout: float = 0.0
+    init_seed: int = 0  # seed of the towers' initial projection: every process builds the same map
 
     def __post_init__(self) -> None:
         def check(ok: bool, name: str, msg: str) -> None:
@@ -246,7 +247,9 @@ class Realm(nn.Module):
         self.mlm_bias = nn.Parameter(torch.zeros(cfg.vocab_size))
         self.apply(self._init)
         proj = torch.empty(cfg.proj_dim, d)
-        nn.init.orthogonal_(proj)  # rows (or columns) orthonormal: inner products kept on average
+        # rows (or columns) orthonormal: inner products kept on average. Seeded from the config,
+        # not the global RNG: the driver embeds index v1 with this map, the workers train it
+        nn.init.orthogonal_(proj, generator=torch.Generator().manual_seed(cfg.init_seed))
         proj *= math.sqrt(cfg.score_scale * max(1.0, d / cfg.proj_dim))
         with torch.no_grad():
             self.query_tower.proj.weight.copy_(proj)

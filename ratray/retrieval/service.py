@@ -417,7 +417,7 @@ class ShardedIndex:
         if not 0 < k <= self.ntotal:
             raise ValueError(f"k={k} is out of range: the index holds {self.ntotal} vectors")
         # a big batch goes into the object store once, read by every shard; a small one travels
-        # inline with each call (cheaper than an object-store round trip: 8 queries ~3 vs ~8 ms)
+        # inline with each call (cheaper than an object-store round trip for a few queries)
         ref = ray.put(q) if q.nbytes >= INLINE_QUERY_BYTES else q
         return SearchFuture(self.actors, ref, k, self.metric)
 

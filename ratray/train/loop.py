@@ -38,6 +38,19 @@ def make_trainer(train_fn, loop_config: dict, t, workdir: str):
     )
 
 
+def save_and_report(engine, client_state: dict, metrics: dict) -> None:
+    """Every rank: DeepSpeed checkpoint (with our client state) into one folder, barrier, then
+    `ray.train.report` with that folder as the Ray Train checkpoint."""
+    import ray.train
+    import torch.distributed as dist
+
+    with tempfile.TemporaryDirectory() as d:
+        engine.save_checkpoint(d, tag=CKPT_TAG, client_state=client_state)
+        if dist.is_initialized():
+            dist.barrier()
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
 def _world():
     import ray.train
 
@@ -188,11 +201,7 @@ def train_loop(config: dict) -> None:
         return out
 
     def checkpoint_and_report(step_done: int, metrics: dict) -> None:
-        with tempfile.TemporaryDirectory() as d:
-            engine.save_checkpoint(d, tag=CKPT_TAG, client_state={"step": step_done, "history": history})
-            if torch.distributed.is_initialized():
-                torch.distributed.barrier()
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        save_and_report(engine, {"step": step_done, "history": history}, metrics)
 
     # the loop
     tokens_per_step = t.micro_batch * t.grad_accum * world * mcfg.seq_len

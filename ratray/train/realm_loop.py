@@ -13,12 +13,11 @@ the serving index's weights), refresh counts and times.
 from __future__ import annotations
 
 import contextlib
-import tempfile
 import time
 
 import numpy as np
 
-from ratray.train.loop import CKPT_TAG, _allreduce_sum, _finish, _world
+from ratray.train.loop import CKPT_TAG, _allreduce_sum, _finish, _world, save_and_report
 
 STAT_KEYS = ("correct_retrieval", "correct_null", "masked", "queries", "utility", "p_null", "nll_null")
 CANDIDATE_MARGIN = 8  # extra candidates asked for, so the source-document filter rarely runs short
@@ -211,13 +210,8 @@ def train_loop(config: dict) -> None:
         return out, st
 
     def checkpoint_and_report(step_done: int, metrics: dict, st: dict | None) -> None:
-        with tempfile.TemporaryDirectory() as d:
-            engine.save_checkpoint(d, tag=CKPT_TAG, client_state={
-                "step": step_done, "history": history, "refresh": st,
-                "index_version": metrics.get("index_version")})
-            if torch.distributed.is_initialized():
-                torch.distributed.barrier()
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        save_and_report(engine, {"step": step_done, "history": history, "refresh": st,
+                                 "index_version": metrics.get("index_version")}, metrics)
 
     # the loop
     sums = dict.fromkeys(STAT_KEYS, 0.0)
