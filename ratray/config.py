@@ -110,7 +110,7 @@ class ServiceConfig:
     name: str = "index"  # actor names are f"{name}-shard-{i}"
     num_cpus: float = 0.0  # CPUs each shard actor reserves: never a whole core (training must run)
     max_concurrency: int = 8  # concurrent searches per shard actor (FAISS releases the GIL)
-    omp_threads: int = 0  # FAISS OpenMP threads per actor; 0 = FAISS default
+    omp_threads: int = 0  # FAISS threads per actor; 0 = the node's cores divided among the shards
     # custom Ray resources each shard actor requests, e.g. {"index_node": 0.01}: only nodes that
     # advertise them (a KubeRay index worker group) host shards. {} = any node
     resources: dict = field(default_factory=dict)
