@@ -45,7 +45,10 @@ def test_realm_trains_refreshes_and_resumes_with_its_index_version(ray_session, 
     for key in ("loss", "acc_retrieval", "acc_null", "retrieval_utility", "index_version",
                 "staleness_steps", "val_acc_retrieval", "val_acc_null", "val_retrieval_utility"):
         assert key in f, key
-    assert 0 <= f["val_acc_null"] <= 1 and f["val_queries"] > 0
+    assert 0 <= f["val_acc_null"] <= 1 and f["val_queries"] > 0 and f["val_masked_tokens"] > 0
+    for key in ("val_acc_retrieval", "val_acc_null"):  # accuracies count whole masked tokens
+        right = f[key] * f["val_masked_tokens"]
+        assert abs(right - round(right)) < 1e-6, (key, right)
     run_dir = tmp_path / "runs" / "realm-test"
     assert (run_dir / "summary.json").is_file() and (run_dir / "masked_accuracy.png").is_file()
 

@@ -38,6 +38,32 @@ def make_trainer(train_fn, loop_config: dict, t, workdir: str):
     )
 
 
+def write_summary(job, run_dir: Path, result, timings: dict, head: dict, tail: dict) -> dict:
+    """`run_dir/summary.json` of a finished run (driver side): the job's own `head` fields, what
+    every run reports (wall time, timings, checkpoint, MLflow record, run folder), then `tail`;
+    also attached to the run's MLflow record. Returns the summary."""
+    from mlflow import MlflowClient
+
+    from ratray.tracking import tracking_uri
+
+    run_id = (result.metrics or {}).get("mlflow_run_id")
+    summary = {
+        **head,
+        "wall_time_s": round(timings["total_s"], 1),
+        "timings": {k: round(v, 2) for k, v in timings.items()},
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "mlflow": {"tracking_uri": tracking_uri(job.workdir), "experiment": job.experiment,
+                   "run_id": run_id},
+        "run_dir": str(run_dir.resolve()),
+        **tail,
+    }
+    path = run_dir / "summary.json"
+    path.write_text(json.dumps(summary, indent=2, default=str))
+    if run_id:
+        MlflowClient(tracking_uri(job.workdir)).log_artifact(run_id, str(path))
+    return summary
+
+
 def save_and_report(engine, client_state: dict, metrics: dict) -> None:
     """Every rank: DeepSpeed checkpoint (with our client state) into one folder, barrier, then
     `ray.train.report` with that folder as the Ray Train checkpoint."""

@@ -15,7 +15,6 @@ service finds the index versions on disk and the worker restores the checkpoint'
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 
@@ -117,8 +116,7 @@ def run(job: RealmJobConfig, progress: bool = True) -> dict:
     from ratray.models.realm import Realm, RealmConfig
     from ratray.retrieval.refresh import launch_refresh_service, put_weights
     from ratray.retrieval.service import ShardedIndex
-    from ratray.tracking import tracking_uri
-    from ratray.train.loop import make_trainer
+    from ratray.train.loop import make_trainer, write_summary
     from ratray.train.realm_loop import train_loop
 
     t0 = time.perf_counter()
@@ -155,7 +153,7 @@ def run(job: RealmJobConfig, progress: bool = True) -> dict:
     timings["fit_s"] = time.perf_counter() - tf
     timings["total_s"] = time.perf_counter() - t0
     metrics = dict(result.metrics or {})
-    summary = {
+    return write_summary(job, prep.run_dir, result, timings, head={
         "run_name": t.run_name,
         "model_type": "realm",
         "steps": metrics.get("step"),
@@ -167,20 +165,7 @@ def run(job: RealmJobConfig, progress: bool = True) -> dict:
                     **{k: status[k] for k in ("serving_version", "serving_step", "requested",
                                               "completed", "failed", "coalesced", "last_error")},
                     "history": status["history"]},
-        "wall_time_s": round(timings["total_s"], 1),
-        "timings": {k: round(v, 2) for k, v in timings.items()},
-        "checkpoint": result.checkpoint.path if result.checkpoint else None,
-        "mlflow": {"tracking_uri": tracking_uri(job.workdir), "experiment": job.experiment,
-                   "run_id": metrics.get("mlflow_run_id")},
-        "run_dir": str(prep.run_dir.resolve()),
-        "chunk_store": str(prep.store.path),
-        "model": prep.model,
-    }
-    (prep.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    from ratray.train.retro import _log_summary
-
-    _log_summary(job.workdir, metrics.get("mlflow_run_id"), prep.run_dir / "summary.json")
-    return summary
+    }, tail={"chunk_store": str(prep.store.path), "model": prep.model})
 
 
 def format_summary(s: dict) -> str:

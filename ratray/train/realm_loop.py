@@ -191,6 +191,7 @@ def train_loop(config: dict) -> None:
         out = _rates(tot, "val_")
         out["val_loss"] = tot["loss_sum"] / max(tot["masked"], 1.0)
         out["val_queries"] = int(tot["queries"])
+        out["val_masked_tokens"] = int(tot["masked"])
         return out
 
     def status_metrics(step: int) -> dict:

@@ -85,8 +85,7 @@ def run(job: RetroJobConfig, progress: bool = True) -> dict:
     from ratray.build import embeddings_dir
     from ratray.retrieval.neighbours import ChunkVectors, ensure_chunk_vectors, precompute_neighbours
     from ratray.retrieval.service import ShardedIndex
-    from ratray.tracking import tracking_uri
-    from ratray.train.loop import make_trainer, train_loop
+    from ratray.train.loop import make_trainer, train_loop, write_summary
 
     t0 = time.perf_counter()
     job = dataclasses.replace(job, workdir=str(Path(job.workdir).resolve()))  # workers share paths
@@ -133,7 +132,7 @@ def run(job: RetroJobConfig, progress: bool = True) -> dict:
     timings["fit_s"] = time.perf_counter() - tf
     timings["total_s"] = time.perf_counter() - t0
     metrics = dict(result.metrics or {})
-    summary = {
+    return write_summary(job, prep.run_dir, result, timings, head={
         "run_name": t.run_name,
         "model_type": mcfg["model"],
         "retrieval": t.retrieval if retro else "none",
@@ -142,28 +141,7 @@ def run(job: RetroJobConfig, progress: bool = True) -> dict:
         "final": metrics,
         "val_bpb_retro_on": metrics.get("val_bpb_retro_on"),
         "val_bpb_retro_off": metrics.get("val_bpb_retro_off", metrics.get("val_bpb")),
-        "wall_time_s": round(timings["total_s"], 1),
-        "timings": {k: round(v, 2) for k, v in timings.items()},
-        "checkpoint": result.checkpoint.path if result.checkpoint else None,
-        "mlflow": {"tracking_uri": tracking_uri(job.workdir), "experiment": job.experiment,
-                   "run_id": metrics.get("mlflow_run_id")},
-        "run_dir": str(prep.run_dir.resolve()),
-        "model": mcfg,
-    }
-    (prep.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    _log_summary(job.workdir, metrics.get("mlflow_run_id"), prep.run_dir / "summary.json")
-    return summary
-
-
-def _log_summary(workdir: str, run_id: str | None, path: Path) -> None:
-    """Attach summary.json to the run's MLflow record (the driver knows wall time and paths)."""
-    if not run_id:
-        return
-    from mlflow import MlflowClient
-
-    from ratray.tracking import tracking_uri
-
-    MlflowClient(tracking_uri(workdir)).log_artifact(run_id, str(path))
+    }, tail={"model": mcfg})
 
 
 # ---------------------------------------------------------------------------------------------
