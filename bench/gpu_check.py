@@ -5,9 +5,9 @@
     python bench/gpu_check.py --json out.json # also write the results as JSON
 
 1. FAISS: a flat index (exact) and an IVF index built on the CPU, copied to GPU 0 with
-   `ratray.retrieval.gpu.GpuIndex`. The GPU answers must match the CPU answers: the flat top-k
+   `ratray.index.gpu.GpuIndex`. The GPU answers must match the CPU answers: the flat top-k
    row by row (ids equal, or distances tied within float tolerance), the exactly re-scored
-   top-k of `ratray.retrieval.index.search_topk` id for id, and the IVF top-k with >= 0.99
+   top-k of `ratray.index.search.search_topk` id for id, and the IVF top-k with >= 0.99
    overlap (same nprobe; GPU and CPU IVF differ only in float summation order). Searches from
    several threads at once go through the index lock and must equal the serial answers.
    Prints CPU vs GPU queries/s.
@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from ratray.retrieval.gpu import (GpuIndex, faiss_has_gpu, gpu_count, torch_cuda_count,  # noqa: E402
+from ratray.index.gpu import (GpuIndex, faiss_has_gpu, gpu_count, torch_cuda_count,  # noqa: E402
                                   torch_gpu_build)
 
 
@@ -133,7 +133,8 @@ def check_faiss(rep: Report, n: int, dim: int, n_queries: int, k: int, nlist: in
                 seed: int = 0) -> None:
     import faiss
 
-    from ratray.retrieval.index import configure_faiss, enable_reconstruct, search_topk
+    from ratray.index.factory import configure_faiss
+    from ratray.index.search import enable_reconstruct, search_topk
 
     configure_faiss(0)
     rng = np.random.default_rng(seed)
@@ -205,7 +206,7 @@ def retro_batch(cfg, batch: int, rng: np.random.Generator):
     """Random tokens and neighbours with RETRO's shapes: idx/targets (b, n), neighbours (b, l, k, r)."""
     import torch
 
-    n, l = cfg.seq_len, cfg.seq_len // cfg.chunk_size
+    n, l = cfg.seq_len, cfg.seq_len // cfg.chunk_tokens
     tok = rng.integers(1, cfg.vocab_size, size=(batch, n + 1))
     nb = rng.integers(1, cfg.vocab_size, size=(batch, l, cfg.k, cfg.neighbour_len))
     return (torch.from_numpy(tok[:, :-1]), torch.from_numpy(nb), torch.from_numpy(tok[:, 1:]))
@@ -216,12 +217,12 @@ def train_steps(cfg, device: str, steps: int, micro_batch: int, precision: str,
     """`steps` optimizer steps of RETRO on `device`; returns losses, tokens/s and the step time.
 
     With DeepSpeed: the project's `deepspeed_config` (ZeRO stage, bf16/fp32) and a torch AdamW,
-    exactly as `ratray.train.loop` builds its engine; the process group (NCCL on CUDA, gloo on
+    exactly as `ratray.train.worker` builds its engine; the process group (NCCL on CUDA, gloo on
     CPU) must already be initialised. Without: plain torch with autocast for bf16."""
     import torch
 
     from ratray.config import TrainConfig
-    from ratray.models.retro import Retro
+    from ratray.retro.model import Retro
     from ratray.train.deepspeed_cfg import deepspeed_config, lr_lambda
 
     torch.manual_seed(seed)
@@ -284,9 +285,9 @@ def check_training(rep: Report, steps: int, micro_batch: int, seq_len: int, n_la
                    d_model: int) -> None:
     import torch
 
-    from ratray.models.retro import RetroConfig
+    from ratray.retro.model import RetroConfig
 
-    cfg = RetroConfig(vocab_size=8192, pad_id=0, chunk_size=64, seq_len=seq_len, n_layer=n_layer,
+    cfg = RetroConfig(vocab_size=8192, pad_id=0, chunk_tokens=64, seq_len=seq_len, n_layer=n_layer,
                       n_head=max(2, d_model // 64), d_model=d_model, enc_layers=2,
                       enc_d_model=d_model // 2, enc_n_head=max(2, d_model // 128), k=2,
                       zero_init_cca=False)

@@ -28,8 +28,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ratray.retrieval.index import (build_index, load_manifest, load_shard,  # noqa: E402
-                                    recall_at_k, search_shards)
+from ratray.eval.metrics import recall_at_k  # noqa: E402
+from ratray.index.build import build_index  # noqa: E402
+from ratray.index.search import search_shards  # noqa: E402
+from ratray.index.store import load_manifest, load_shard  # noqa: E402
 
 import faiss  # noqa: E402  (after ratray: OMP_WAIT_POLICY is set before libgomp loads)
 import numpy as np  # noqa: E402
@@ -82,7 +84,7 @@ def merged_index(index_dir: Path) -> tuple[faiss.Index, np.ndarray]:
 
 def bench_one(name: str, factory: str, vectors, ids, queries, args, workdir: Path, ray) -> dict:
     from ratray.config import IndexConfig, ServiceConfig
-    from ratray.retrieval.service import ShardedIndex
+    from ratray.index.service import ShardedIndex
 
     k, reps, nq = args.k, args.reps, len(queries)
     t = time.perf_counter()

@@ -1,6 +1,6 @@
 """The REALM index refresh: its wall time vs its parts measured alone, and search under a refresh.
 
-    python bench/refresh.py [--max-bytes 150000] [--block-tokens 64] [--layers 6] [--out r.json]
+    python bench/refresh.py [--max-bytes 150000] [--chunk-tokens 64] [--layers 6] [--out r.json]
 
 One run, on a wordpiece chunk store of stdlib source and REALM's doc tower (the pretrained encoder):
 1. re-embed time alone (the service's parallel embedding tasks) and build time alone (FAISS shards);
@@ -13,6 +13,7 @@ One run, on a wordpiece chunk store of stdlib source and REALM's doc tower (the 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -51,7 +52,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default=None, help="default: a temporary folder")
     p.add_argument("--max-bytes", type=int, default=150_000, help="stdlib source read (corpus.max_bytes)")
-    p.add_argument("--block-tokens", type=int, default=64)
+    p.add_argument("--chunk-tokens", type=int, default=64)
     p.add_argument("--layers", type=int, default=6, help="doc tower layers (of the pretrained 6)")
     p.add_argument("--workers", type=int, default=2, help="embedding tasks in flight")
     p.add_argument("--factory", default="Flat")
@@ -63,24 +64,24 @@ def main() -> int:
     import ray
     import torch
 
-    from ratray.config import IndexConfig, RefreshConfig, ServiceConfig, load_config, RealmJobConfig
-    from ratray.models.realm import Realm, RealmConfig
-    from ratray.retrieval.index import build_index
-    from ratray.retrieval.refresh import embed_corpus, launch_refresh_service, put_weights
-    from ratray.retrieval.service import ShardedIndex
-    from ratray.train.realm import DocTowerEmbedder, resolve
+    from ratray.config import IndexConfig, RefreshConfig, ServiceConfig, load_config
+    from ratray.index.build import build_index
+    from ratray.index.refresh import embed_corpus, launch_refresh_service, put_weights
+    from ratray.index.service import ShardedIndex
+    from ratray.realm.config import RealmJobConfig
+    from ratray.realm.driver import DocTowerEmbedder, resolve
+    from ratray.realm.model import Realm
 
     workdir = a.workdir or tempfile.mkdtemp(prefix="ratray-bench-refresh-")
     ray.init(num_cpus=os.cpu_count(), namespace="ratray-bench", log_to_driver=False)
     job = load_config(RealmJobConfig, None, [
         f"workdir={workdir}", f"corpus.max_bytes={a.max_bytes}", "chunks.tokenizer=wordpiece",
-        f"chunks.chunk_tokens={a.block_tokens}", "index.metric=ip", f"index.factory={a.factory}",
+        f"chunks.chunk_tokens={a.chunk_tokens}", "index.metric=ip", f"index.factory={a.factory}",
         "index.shards=2", f"model.retriever_layers={a.layers}", "model.reader_layers=1",
         "model.query_tokens=32", "train.num_workers=1"])
     prep = resolve(job)
     store = prep.store
-    mcfg = RealmConfig(**prep.model)
-    model = Realm.from_pretrained(mcfg, prep.weights)
+    model = Realm.from_pretrained(prep.model, prep.weights)
     w0 = model.doc_state_dict()
     g = torch.Generator().manual_seed(0)
     w1 = {k: v + 0.01 * v.std() * torch.randn(v.shape, generator=g) if v.dtype.is_floating_point else v
@@ -88,8 +89,8 @@ def main() -> int:
     rcfg = RefreshConfig(num_workers=a.workers, threads=max(1, (os.cpu_count() or 2) // a.workers))
     icfg = IndexConfig(factory=a.factory, metric="ip", shards=2)
     svc = ServiceConfig(name="bench-refresh", namespace="ratray-bench")
-    embedder = DocTowerEmbedder(prep.model)
-    print(f"corpus: {len(store)} blocks of <= {a.block_tokens} wordpieces; doc tower {a.layers} layers; "
+    embedder = DocTowerEmbedder(dataclasses.asdict(prep.model))
+    print(f"corpus: {len(store)} blocks of <= {a.chunk_tokens} wordpieces; doc tower {a.layers} layers; "
           f"{a.workers} embedding tasks x {rcfg.threads} threads", flush=True)
 
     service = launch_refresh_service(os.path.join(workdir, "bench-index"), store, icfg, svc, rcfg, embedder)
@@ -111,7 +112,7 @@ def main() -> int:
     w2 = {k: v + 0.01 * v.std() * torch.randn(v.shape, generator=g) if v.dtype.is_floating_point else v
           for k, v in w0.items()}
     with torch.no_grad():
-        q_ids = torch.from_numpy(store.tokens(ids[: a.batch], pad_to=a.block_tokens)[:, :32].astype(np.int64))
+        q_ids = torch.from_numpy(store.tokens(ids[: a.batch], pad_to=a.chunk_tokens)[:, :32].astype(np.int64))
         queries = model.embed_queries(q_ids).numpy()
     before = qps_for(index, queries, 8, a.seconds)
     stop, out = threading.Event(), []
@@ -124,7 +125,7 @@ def main() -> int:
     after = qps_for(index, queries, 8, a.seconds)
     baseline = (before + after) / 2
     res = {
-        "blocks": len(store), "block_tokens": a.block_tokens, "doc_tower_layers": a.layers,
+        "blocks": len(store), "chunk_tokens": a.chunk_tokens, "doc_tower_layers": a.layers,
         "embed_alone_s": round(embed_s, 2), "build_alone_s": round(build_s, 3),
         "refresh_total_s": rec["total_s"], "refresh_embed_s": rec["embed_s"],
         "refresh_build_s": rec["build_s"], "refresh_swap_s": rec["swap_s"],

@@ -21,7 +21,8 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ratray.config import RetroJobConfig, load_config  # noqa: E402
+from ratray.config import load_config  # noqa: E402
+from ratray.retro.config import RetroJobConfig  # noqa: E402
 
 BUILD = ["corpus.max_docs=60", "index.factory=Flat", "index.shards=2", "index.recall_queries=50"]
 MODEL = ["model.n_layer=4", "model.d_model=128", "model.n_head=4", "model.seq_len=256",
@@ -51,7 +52,7 @@ def main() -> int:
     import ray
 
     from ratray.build import build
-    from ratray.train.retro import run
+    from ratray.retro.driver import run
 
     ray.init(num_cpus=os.cpu_count(), namespace="ratray-bench", log_to_driver=False)
     base = BUILD + MODEL + [f"workdir={a.workdir}", f"train.steps={a.steps}", "experiment=ratray-bench"]

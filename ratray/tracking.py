@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from ratray.workdir import Workdir
+
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 log = logging.getLogger(__name__)
@@ -48,7 +50,7 @@ def tracking_uri(workdir: str | os.PathLike) -> str:
     env = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
     if env:
         return env
-    return f"sqlite:///{Path(workdir).expanduser().resolve() / 'mlflow.db'}"
+    return f"sqlite:///{Workdir(workdir).mlflow_db}"
 
 
 def _truncate(value: Any, limit: int) -> str:
@@ -124,8 +126,7 @@ class Tracker:
         if exp is None:
             artifact_location = None
             if "://" not in uri or uri.startswith(("sqlite:", "file:")):
-                art = Path(workdir).expanduser().resolve() / "mlartifacts"
-                artifact_location = art.as_uri()
+                artifact_location = Workdir(workdir).mlartifacts.as_uri()
             try:
                 experiment_id = client.create_experiment(experiment, artifact_location=artifact_location)
             except Exception:  # created concurrently by another process: use theirs

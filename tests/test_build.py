@@ -6,7 +6,7 @@ import pytest
 
 from jobs.build_index import main as build_main
 from ratray.data.chunks import ChunkStore
-from ratray.retrieval.index import load_manifest, load_shard
+from ratray.index.store import load_manifest, load_shard
 from tests.conftest import SMALL_BUILD
 
 
@@ -66,3 +66,31 @@ def test_bad_flag_value_fails_before_any_work(tmp_path, capsys):
     rc = build_main(["--workdir", str(tmp_path / "wd"), "--shards", "0"])
     assert rc == 2 and "index.shards" in capsys.readouterr().err
     assert not (tmp_path / "wd").exists()
+
+
+def test_search_settings_take_effect_without_a_rebuild_and_build_settings_force_one(small_workdir,
+                                                                                     tmp_path):
+    """`--set index.ef_search=…` on a built workdir: reused, the manifest (which every shard reads)
+    carries the new value. `--set index.seed=…` (a build-time setting): rebuilt, never 'reused'."""
+    import shutil
+
+    from ratray.build import build
+    from ratray.config import BuildConfig, load_config
+
+    wd, _, _ = small_workdir
+    copy = tmp_path / "wd"
+    for part in ("chunks", "embeddings", "index"):  # the built database, not the runs
+        shutil.copytree(wd / part, copy / part)
+
+    def again(*extra):
+        return build(load_config(BuildConfig, None, SMALL_BUILD + [f"workdir={copy}", *extra]),
+                     progress=False)
+
+    s = again("index.ef_search=32")
+    assert s["index"]["reused"] is True and s["index"]["search_settings_updated"] == ["ef_search"]
+    assert load_manifest(copy / "index").ef_search == 32 == s["index"]["ef_search"]
+    assert again("index.ef_search=32")["index"]["search_settings_updated"] == []
+    rebuilt = again("index.ef_search=32", "index.seed=7")
+    assert rebuilt["index"]["reused"] is False
+    assert load_manifest(copy / "index").extra["build_settings"]["seed"] == 7
+    assert again("index.ef_search=32", "index.seed=7")["index"]["reused"] is True

@@ -1,6 +1,8 @@
 """The cluster-launcher configs in cluster/ validate against the schema shipped in the ray wheel
 (ray/autoscaler/ray-schema.json) and against what `ray up` itself does before touching a cloud
-(ray.autoscaler._private.util.prepare_config + validate_config); the local scripts parse.
+(ray.autoscaler._private.util.prepare_config + validate_config); the GPU cluster gives the job its
+header documents (parsed by the job itself) the GPUs, CPUs and `index_node` shard slots it asks
+for, with faiss-gpu only on the GPU nodes; the local scripts parse.
 
 Offline: the AWS defaults are read from the wheel, nothing calls the cloud."""
 from __future__ import annotations
@@ -9,12 +11,16 @@ import copy
 import functools
 import json
 import re
+import shlex
 import subprocess
 from pathlib import Path
 
 import jsonschema
 import pytest
 import yaml
+
+from tests.job_capture import job_from_argv
+from tests.k8s_rules import paths_in_repo
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "cluster").glob("*.yaml"))
@@ -57,8 +63,127 @@ def pins() -> dict[str, str]:
     return out
 
 
-def test_there_is_a_cloud_gpu_config():
-    assert ROOT / "cluster" / "gpu-cluster.yaml" in CONFIGS
+GPU_CONFIG = ROOT / "cluster" / "gpu-cluster.yaml"
+FAISS_CPU = re.compile(r"faiss-cpu|\.\[cpu")  # the faiss-cpu wheel or the project's `cpu` extra
+
+
+def documented_job(path: Path) -> tuple[Path, list[str]]:
+    """The job script and arguments of the `ray job submit ... -- python ...` example in the
+    config's header comment, paths in the head's image mapped to the repository."""
+    lines = iter(ln.lstrip("#").strip() for ln in path.read_text().splitlines() if ln.startswith("#"))
+    command = next(ln for ln in lines if "ray job submit" in ln)
+    while command.endswith("\\"):
+        command = command[:-1] + next(lines)
+    argv = shlex.split(command)
+    argv = argv[argv.index("--") + 1:]
+    assert argv[0] == "python", argv
+    script, *args = paths_in_repo(argv[1:], IMAGE.fullmatch(load(path)["docker"]["image"])["flavor"])
+    return Path(script), args
+
+
+def node_flavor(cfg: dict, node_type: str) -> str | None:
+    """cpu | gpu: the image a node type runs (its worker_image, else the cluster's image)."""
+    image = cfg["available_node_types"][node_type].get("docker", {}).get("worker_image", cfg["docker"]["image"])
+    m = IMAGE.fullmatch(image)
+    return m["flavor"] if m else None
+
+
+def gpu_node_problems(cfg: dict, job) -> list[str]:
+    """GPU nodes are the node types that declare GPUs, and exactly those run the GPU image; they
+    keep CPUs for Ray Train's workers (one GPU and train.cpus_per_worker CPUs each); the cluster
+    can reach enough GPUs for the training workers and the CUDA encoder actors, and enough
+    shard slots of the custom resources the index shards request (service.resources)."""
+    types = cfg["available_node_types"]
+    workers = {n: t for n, t in types.items() if n != cfg["head_node_type"]}
+    gpu_types = {n: t for n, t in workers.items() if t["resources"].get("GPU", 0) > 0}
+    errs = [] if gpu_types else ["no worker node type declares GPUs"]
+    for n in types:
+        if (node_flavor(cfg, n) == "gpu") != (n in gpu_types):
+            errs.append(f"{n}: a {node_flavor(cfg, n)} image on a node type with "
+                        f"{types[n]['resources'].get('GPU', 0)} GPUs")
+    for n, t in gpu_types.items():
+        cpus = t["resources"].get("CPU")  # absent: detected from the instance type
+        if cpus is not None and cpus < job.train.cpus_per_worker * t["resources"]["GPU"]:
+            errs.append(f"{n}: {cpus} CPUs for {t['resources']['GPU']} training workers")
+    gpus = sum(t["resources"]["GPU"] * t["max_workers"] for t in gpu_types.values())
+    if job.train.use_gpu and gpus < job.train.num_workers:
+        errs.append(f"{job.train.num_workers} GPU training workers, the cluster reaches {gpus} GPUs")
+    if job.embed.device == "cuda" and gpus < job.embed.num_actors:
+        errs.append(f"{job.embed.num_actors} CUDA encoder actors, the cluster reaches {gpus} GPUs")
+    for res, amount in job.service.resources.items():
+        slots = sum(int(t["resources"].get(res, 0) // amount) * t["max_workers"] for t in workers.values())
+        if slots < job.index.shards:
+            errs.append(f"{job.index.shards} shards need {amount} {res} each: the cluster reaches {slots} slots")
+    return errs
+
+
+def faiss_problems(cfg: dict, gpu_dockerfile: str) -> list[str]:
+    """GPU nodes get faiss-gpu from the image (the `gpu` extra) and nothing installs faiss-cpu next
+    to it: both wheels provide the same `faiss` module, the later install wins."""
+    install = [ln for ln in gpu_dockerfile.splitlines() if not ln.lstrip().startswith("#")]
+    errs = [] if any('".[gpu]"' in ln for ln in install) else ["the GPU image does not install the gpu extra"]
+    errs += [f"the GPU image installs faiss-cpu: {ln.strip()}" for ln in install if FAISS_CPU.search(ln)]
+    commands = cfg.get("setup_commands", []) + cfg.get("worker_setup_commands", []) + [
+        c for t in cfg["available_node_types"].values() for c in t.get("worker_setup_commands", [])]
+    errs += [f"a setup command installs faiss-cpu: {c}" for c in commands if FAISS_CPU.search(c)]
+    return errs
+
+
+def gpu_dockerfile() -> str:
+    return (ROOT / "docker" / "Dockerfile.gpu").read_text()
+
+
+def test_the_gpu_cluster_gives_the_documented_job_the_gpus_and_shard_slots_it_requests(monkeypatch):
+    """The job the config's header tells users to submit, parsed by the job itself: its GPU
+    training workers, CUDA encoders and index shards all fit the node types."""
+    job = job_from_argv(*documented_job(GPU_CONFIG), monkeypatch)
+    assert job.train.use_gpu and job.embed.device == "cuda" and job.service.resources
+    assert gpu_node_problems(load(GPU_CONFIG), job) == []
+
+
+def test_gpu_nodes_get_faiss_gpu_and_never_faiss_cpu():
+    assert faiss_problems(load(GPU_CONFIG), gpu_dockerfile()) == []
+
+
+def _gpu_type(cfg: dict) -> dict:
+    return cfg["available_node_types"]["gpu"]
+
+
+BROKEN_GPU_CLUSTERS = {  # a change to the config or the documented job -> text of the problem
+    "gpu-type-declares-no-gpus": (lambda cfg, job: _gpu_type(cfg)["resources"].pop("GPU"),
+                                  "no worker node type declares GPUs"),
+    "gpu-type-without-cpus": (lambda cfg, job: _gpu_type(cfg)["resources"].update(CPU=0),
+                              "CPUs for 4 training workers"),
+    "too-few-gpu-nodes": (lambda cfg, job: _gpu_type(cfg).update(max_workers=0), "GPU training workers"),
+    "cpu-image-on-gpu-nodes": (lambda cfg, job: _gpu_type(cfg)["docker"].update(
+        worker_image=cfg["docker"]["image"]), "a cpu image on a node type with 4 GPUs"),
+    "too-few-index-nodes": (lambda cfg, job: cfg["available_node_types"]["index"].update(max_workers=1),
+                            "slots"),
+    "shards-request-an-unknown-resource": (lambda cfg, job: setattr(job.service, "resources",
+                                                                    {"index_nodes": 1}), "0 slots"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_GPU_CLUSTERS))
+def test_gpu_node_rules_catch_a_broken_config(case, monkeypatch):
+    mutate, problem = BROKEN_GPU_CLUSTERS[case]
+    cfg, job = load(GPU_CONFIG), job_from_argv(*documented_job(GPU_CONFIG), monkeypatch)
+    assert gpu_node_problems(cfg, job) == []
+    mutate(cfg, job)
+    assert any(problem in e for e in gpu_node_problems(cfg, job)), gpu_node_problems(cfg, job)
+
+
+@pytest.mark.parametrize("where", ["setup_commands", "worker_setup_commands", "node-type", "image"])
+def test_faiss_rule_catches_faiss_cpu_next_to_faiss_gpu(where):
+    cfg, dockerfile = load(GPU_CONFIG), gpu_dockerfile()
+    install = "pip install -c constraints.txt faiss-cpu==1.15.1"
+    if where == "node-type":
+        _gpu_type(cfg)["worker_setup_commands"] = [install]
+    elif where == "image":
+        dockerfile = dockerfile.replace('".[gpu]"', '".[cpu]"')
+    else:
+        cfg[where] = [install]
+    assert faiss_problems(cfg, dockerfile)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])

@@ -1,4 +1,5 @@
-"""A real `ray start --head` on non-default ports + `ray job submit`, with and without a token file.
+"""cluster/localray.py (run by cluster/local.sh): a real `ray start --head` on non-default ports +
+`ray job submit`, with and without a token file, and the wrapper script's CLI.
 
 HOME points at a tmp dir in both cases (Ray reads the token from $HOME/.ray/auth_token), so the
 test behaves the same on every machine and never touches the real ~/.ray. The head uses its own
@@ -7,26 +8,42 @@ stops only this head's processes (never `ray stop`).
 """
 from __future__ import annotations
 
+import importlib.util
 import io
+import json
+import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import psutil
 import pytest
 
-from ratray.cluster import LocalRay, _port_busy, _ray_exe
+ROOT = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.slow
+
+def _load_localray():
+    """cluster/localray.py is tooling outside the ratray package: loaded from its file, the way
+    cluster/local.sh runs it."""
+    spec = importlib.util.spec_from_file_location("localray", ROOT / "cluster" / "localray.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+localray = _load_localray()
+LocalRay, port_busy, ray_exe = localray.LocalRay, localray.port_busy, localray.ray_exe
 
 
 def _free_ports(base: int) -> tuple[int, int]:
     """A GCS port p with p, p+1, p+2 free and a free dashboard port, searched from `base`."""
     for p in range(base, base + 200, 7):
         d = p + 2000
-        if not any(_port_busy(x) for x in (p, p + 1, p + 2, d)):
+        if not any(port_busy(x) for x in (p, p + 1, p + 2, d)):
             return p, d
     pytest.skip("no free port block for a test Ray head")
 
@@ -38,6 +55,21 @@ def _running(pid: int) -> bool:
         return False
 
 
+def test_local_sh_runs_the_cli_and_reports_a_head_that_is_not_up(tmp_path):
+    """cluster/local.sh reaches cluster/localray.py's CLI: `status` of a port with no head started
+    prints the JSON status and exits 3; an unknown subcommand is refused by the parser (exit 2)."""
+    port = next(p for p in range(6700, 6900, 7) if not Path(tempfile.gettempdir(), f"ratray-ray-{p}").exists())
+    env = {**os.environ, "PYTHON": sys.executable, "RATRAY_RAY_PORT": str(port), "HOME": str(tmp_path)}
+    script = str(ROOT / "cluster" / "local.sh")
+    r = subprocess.run([script, "status"], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 3, r.stdout + r.stderr
+    info = json.loads(r.stdout)
+    assert info["up"] is False and info["port"] == port and info["auth"] == "token"
+    r = subprocess.run([script, "start"], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "invalid choice: 'start'" in r.stderr, r.stderr
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("token_exists", [False, True], ids=["no-token-file", "token-file"])
 def test_local_head_submit_and_down(tmp_path, token_exists):
     home = tmp_path / "home"
@@ -53,7 +85,7 @@ def test_local_head_submit_and_down(tmp_path, token_exists):
         addr = lr.up(num_cpus=1, object_store_memory=100 * 1024 * 1024)
         assert addr == f"http://127.0.0.1:{dash}" and lr.is_up()
         assert lr.up(num_cpus=1) == addr  # idempotent: reuses the running head
-        gcs_pid = lr._read_state()["gcs_pid"]
+        gcs_pid = lr.read_state()["gcs_pid"]
         # policy: token auth always on; a token was generated only when missing
         assert token_file.is_file() and token_file.read_text().strip()
         if token_exists:
@@ -69,12 +101,12 @@ def test_local_head_submit_and_down(tmp_path, token_exists):
             # ... and so does `ray job` without RAY_AUTH_MODE=token (the Ray default client mode);
             # with env() (RAY_AUTH_MODE=token) the CLI authenticates with the existing token file.
             # The job itself runs in the other case only (same code path; keeps the file < 90 s).
-            ray = _ray_exe(lr.python)
-            env = {k: v for k, v in lr._base_env().items() if k != "RAY_AUTH_MODE"}
+            ray = ray_exe(lr.python)
+            env = {k: v for k, v in lr.base_env().items() if k != "RAY_AUTH_MODE"}
             r = subprocess.run([ray, "job", "list", f"--address={addr}"], env=env,
                                capture_output=True, text=True, timeout=60)
             assert r.returncode != 0 and "authentication token" in (r.stdout + r.stderr)
-            r = subprocess.run([ray, "job", "list"], env={**lr._base_env(), **lr.env()},
+            r = subprocess.run([ray, "job", "list"], env={**lr.base_env(), **lr.env()},
                                capture_output=True, text=True, timeout=60)
             assert r.returncode == 0, r.stdout + r.stderr
             assert lr.list_jobs() == []
@@ -97,5 +129,5 @@ def test_local_head_submit_and_down(tmp_path, token_exists):
     assert pids and gcs_pid in pids
     assert lr.processes() == [] and not lr.is_up()
     assert [p for p in pids if _running(p)] == []
-    assert not _port_busy(port) and not _port_busy(dash)
+    assert not port_busy(port) and not port_busy(dash)
     assert lr.down() == 0  # second down is a no-op

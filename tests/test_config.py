@@ -51,3 +51,46 @@ def test_flatten_gives_dotted_keys_for_every_field():
     flat = flatten(to_dict(BuildConfig()))
     assert flat["index.shards"] == 2 and flat["chunks.chunk_tokens"] == 64
     assert all(not isinstance(v, dict) for v in flat.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# job configs: typed model sections, per-job defaults, the round trip to a Ray worker
+
+
+@pytest.mark.parametrize("override, key", [
+    ("model.n_layer=abc", "model.n_layer"),  # typed: a bad value fails at load, not in a worker
+    ("model.n_laye=4", "model.n_laye"),  # unknown key named
+    ("model.n_head=3", "model.n_head"),  # the model's own rule, at load
+    ("model.vocab_size=100", "model.vocab_size"),  # comes from the chunk store
+    ("model_type=gpt", "model_type"),
+    ("train.run_name=a/b", "train.run_name"),  # a run is a plain folder of the workdir
+])
+def test_retro_job_config_checks_its_model_section_when_loaded(override, key):
+    from ratray.retro.config import RetroJobConfig
+
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(RetroJobConfig, None, [override])
+
+
+def test_each_method_has_its_own_defaults_and_they_survive_yaml_sections():
+    from ratray.realm.config import RealmJobConfig
+    from ratray.retro.config import RetroJobConfig
+
+    retro, realm = RetroJobConfig(), RealmJobConfig()
+    assert retro.train.run_name == "retro-demo" and realm.train.run_name == "realm-demo"
+    assert (retro.chunks.tokenizer, retro.index.metric) == ("bpe", "l2")
+    assert (realm.chunks.tokenizer, realm.chunks.chunk_tokens, realm.index.metric) == ("wordpiece", 288, "ip")
+    # a YAML `train:` section that sets other keys keeps the method's run name
+    loaded = load_config(RealmJobConfig, None, ["train.steps=30", "index.shards=1"])
+    assert (loaded.train.run_name, loaded.train.steps, loaded.index.metric) == ("realm-demo", 30, "ip")
+    assert load_config(RetroJobConfig, None, ["model_type=baseline"]).model.model == "baseline"
+
+
+def test_a_job_config_round_trips_through_a_plain_dict():
+    from ratray.config import from_dict
+    from ratray.retro.config import RetroJobConfig
+
+    job = load_config(RetroJobConfig, None, ["model.cca_layers=[2,4]", "model.n_layer=4",
+                                             "train.steps=70", "service.resources={index_node: 1}"])
+    again = from_dict(RetroJobConfig, to_dict(job))  # what a Ray Train worker rebuilds
+    assert again == job and again.model.cca_layers == (2, 4)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from ratray.config import EmbedConfig
-from ratray.retrieval.embed import EmbedError, EmbeddingCache, embed_with_cache, model_path
+from ratray.index.embed import EmbeddingCache, embed_with_cache
+from ratray.pretrained import PretrainedModelError, model_path
 
 
 @pytest.fixture(scope="module")
@@ -51,5 +52,5 @@ def test_embeddings_are_semantic(texts, tmp_path):
 
 
 def test_unknown_model_is_a_clear_error(tmp_path):
-    with pytest.raises(EmbedError, match="never downloaded"):
+    with pytest.raises(PretrainedModelError, match="never downloaded"):
         model_path(str(tmp_path / "no-such-model"))

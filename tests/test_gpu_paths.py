@@ -1,10 +1,12 @@
-"""GPU paths on machines without a GPU: detection answers 0 and says why, the helpers refuse
-cleanly, bench/gpu_check.py exits 0 with a clear message; and the device-independent parts of
-the GPU code (the per-index lock, search_topk through the GPU wrapper, the top-k comparison and
-the training-step loop of the GPU check) run here on the CPU so they are exercised before any GPU
-sees them. On a GPU machine `python bench/gpu_check.py` is the check (docs/scaling.md)."""
+"""GPU paths on machines without a GPU: detection agrees with the installed torch and faiss
+builds, answers 0 and says why, the helpers refuse cleanly, bench/gpu_check.py exits 0 with a
+clear message; and the device-independent parts of the GPU code (the per-index lock, search_topk
+through the GPU wrapper, the top-k comparison and the training-step loop of the GPU check) run
+here on the CPU so they are exercised before any GPU sees them. On a GPU machine
+`python bench/gpu_check.py` is the check (docs/scaling.md)."""
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import threading
@@ -14,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ratray.retrieval import gpu
-from ratray.retrieval.gpu import GpuIndex, faiss_has_gpu, gpu_count, gpu_index_or_none, index_to_gpu
+from ratray.index import gpu
+from ratray.index.gpu import GpuIndex, faiss_has_gpu, gpu_count, gpu_index_or_none, index_to_gpu
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -46,9 +48,41 @@ def test_without_faiss_gpu_there_is_no_gpu_and_the_helpers_say_so():
     assert gpu_index_or_none(index, 0) is None
 
 
-@no_gpu
-def test_torch_sees_no_cuda_here():
-    assert gpu.torch_cuda_count() == 0
+def test_torch_detection_agrees_with_the_installed_torch():
+    """torch_gpu_build() reads torch/version.py without importing torch: it must give the answer
+    the imported torch gives (a CPU wheel here: False, and no CUDA devices counted)."""
+    import torch
+
+    assert gpu.torch_gpu_build() is bool(torch.version.cuda or torch.version.hip)
+    assert gpu.torch_cuda_count() == (torch.cuda.device_count() if torch.cuda.is_available() else 0)
+
+
+def _faiss_distributions() -> set[str]:
+    from importlib import metadata
+
+    return {d.metadata["Name"].lower() for d in metadata.distributions()
+            if (d.metadata["Name"] or "").lower().startswith("faiss")}
+
+
+def test_faiss_detection_agrees_with_the_installed_faiss_wheel():
+    """faiss_has_gpu() is True exactly when a faiss-gpu wheel provides the `faiss` module (the
+    project's `gpu` extra); with faiss-cpu (the `cpu` extra, this machine) FAISS counts no GPU
+    whatever torch sees. The wheels install the same module: exactly one may be installed."""
+    wheels = _faiss_distributions()
+    assert len(wheels) == 1, wheels
+    gpu_wheel = wheels.pop().startswith("faiss-gpu")
+    assert faiss_has_gpu() is gpu_wheel
+    if not gpu_wheel:
+        assert gpu_count() == 0
+
+
+@no_faiss_gpu
+def test_without_faiss_gpu_an_index_stays_on_the_cpu_and_the_log_says_why(caplog):
+    index, _ = flat_index(100)
+    with caplog.at_level(logging.INFO, logger=gpu.__name__):
+        assert gpu_index_or_none(index, 0) is None
+    assert [r.getMessage() for r in caplog.records if r.name == gpu.__name__] == [
+        "index stays on the CPU: no GPU for FAISS: faiss-gpu is not installed or no CUDA device is visible"]
 
 
 @no_gpu
@@ -101,7 +135,7 @@ def test_the_index_lock_serialises_calls_into_the_gpu_index():
 
 
 def test_search_topk_through_the_wrapper_equals_the_cpu_index():
-    from ratray.retrieval.index import search_topk
+    from ratray.index.search import search_topk
 
     cpu, xb = flat_index()
     g = GpuIndex(cpu, flat_index()[0], device=0)
@@ -134,7 +168,7 @@ def test_compare_topk_accepts_tie_swaps_and_catches_wrong_neighbours():
 
 
 def test_gpu_checks_training_loop_runs_retro_steps_on_cpu():
-    from ratray.models.retro import RetroConfig
+    from ratray.retro.model import RetroConfig
 
     cfg = RetroConfig.tiny(k=2)
     r = gpu_check.train_steps(cfg, "cpu", steps=3, micro_batch=2, precision="bf16", use_deepspeed=False)
@@ -142,7 +176,7 @@ def test_gpu_checks_training_loop_runs_retro_steps_on_cpu():
     assert r["tokens_per_s"] > 0 and r["params"] > 0
     idx, nb, tgt = gpu_check.retro_batch(cfg, 2, np.random.default_rng(0))
     assert idx.shape == tgt.shape == (2, cfg.seq_len)
-    assert nb.shape == (2, cfg.seq_len // cfg.chunk_size, cfg.k, cfg.neighbour_len)
+    assert nb.shape == (2, cfg.seq_len // cfg.chunk_tokens, cfg.k, cfg.neighbour_len)
 
 
 def test_torch_build_is_read_from_its_version_file(tmp_path, monkeypatch):

@@ -13,12 +13,14 @@ import numpy as np
 import pytest
 
 from ratray.config import IndexConfig
-from ratray.retrieval import index as ix
-from ratray.retrieval.index import (IndexBuildError, Manifest, build_index, exact_search,
-                                    load_manifest, load_shard, merge_topk, recall_at_k,
-                                    resolve_factory, search_shards, search_topk)
+from ratray.eval.metrics import recall_at_k
+from ratray.index.build import build_index
+from ratray.index.factory import IndexBuildError, resolve_factory
+from ratray.index.search import (coarse_assign, exact_search, merge_topk, plain_ivfpq, search_shards,
+                                 search_topk)
+from ratray.index.store import Manifest, load_manifest, load_shard
 
-import faiss  # noqa: E402  (after ratray.retrieval.index, which sets OMP_WAIT_POLICY first)
+import faiss  # noqa: E402  (after ratray.index, which sets OMP_WAIT_POLICY first)
 
 DIM = 384
 
@@ -78,7 +80,7 @@ def test_auto_factory_scales_with_corpus_size():
 
 
 def test_oversized_templates_are_clamped(caplog):
-    with caplog.at_level(logging.WARNING, logger="ratray.retrieval.index"):
+    with caplog.at_level(logging.WARNING, logger="ratray.index.factory"):
         assert resolve_factory("IVF65536,Flat", 10_000, DIM) == "IVF256,Flat"
     assert "IVF65536" in caplog.text
     assert resolve_factory("IVF16,PQ48", 3_000, DIM) == "IVF16,PQ48x6"  # 3000/39 -> 76 codes
@@ -327,7 +329,7 @@ def test_ivfpq_fast_path_equals_rescoring_the_decoded_vectors(tmp_path, pq_data,
     x, ids, q = pq_data
     shards, _ = _pq_shards(tmp_path, x, ids, metric)
     for index, shard_ids in shards:
-        assert ix._plain_ivfpq(index, metric) is not None  # the no-decoding path is taken
+        assert plain_ivfpq(index, metric) is not None  # the no-decoding path is taken
         decoded = index.reconstruct_n(0, index.ntotal)  # (n_s, d)
         D, I = search_topk(index, shard_ids, q, 10, metric)
         D_dec, I_dec = search_topk(index, shard_ids, q, 10, metric, vectors=decoded)
@@ -359,9 +361,9 @@ def test_only_plain_ivfpq_takes_the_no_decoding_path():
                            ("IVF8,PQ8x4fs", False), ("Flat", False)):
         index = faiss.index_factory(d, factory)
         index.train(x)
-        assert (ix._plain_ivfpq(index, "l2") is not None) == plain, factory
-        assert ix._plain_ivfpq(index, "ip") is None  # not the index's metric
-    assert ix._plain_ivfpq(faiss.index_factory(d, "IVF8,PQ8x4"), "l2") is None  # untrained
+        assert (plain_ivfpq(index, "l2") is not None) == plain, factory
+        assert plain_ivfpq(index, "ip") is None  # not the index's metric
+    assert plain_ivfpq(faiss.index_factory(d, "IVF8,PQ8x4"), "l2") is None  # untrained
 
 
 def test_coarse_ties_go_to_the_smaller_list_number():
@@ -378,7 +380,31 @@ def test_coarse_ties_go_to_the_smaller_list_number():
     ivf.train(rng.standard_normal((3_000, d)).astype(np.float32))
     ivf.nprobe = 2
     q = cents[3] + 1e-3 * rng.standard_normal((40, d)).astype(np.float32)
-    lists, dists = ix._coarse_assign(ivf, q, "l2")
+    lists, dists = coarse_assign(ivf, q, "l2")
     assert lists.tolist() == [[3, 7]] * 40 and (dists[:, 0] == dists[:, 1]).all()
     for i in (0, 17):  # one at a time: FAISS's non-BLAS quantizer search, same answer
-        assert np.array_equal(ix._coarse_assign(ivf, q[i: i + 1], "l2")[0], lists[i: i + 1])
+        assert np.array_equal(coarse_assign(ivf, q[i: i + 1], "l2")[0], lists[i: i + 1])
+
+
+def test_a_reused_index_takes_new_search_settings_into_its_manifest(tmp_path):
+    from ratray.build import apply_search_settings
+    from ratray.index.build import build_settings
+
+    x = mixture(4_000, seed=11)
+    cfg = IndexConfig(factory="IVF32,Flat", nprobe=2, shards=2)
+    m = build_index(x, chunk_ids(4_000), tmp_path / "idx", cfg, "test")
+    assert m.nprobe == 2 and m.extra["build_settings"] == build_settings(cfg)
+    changed = apply_search_settings(tmp_path / "idx", m, IndexConfig(factory="IVF32,Flat", nprobe=8))
+    assert changed == ["nprobe"]
+    on_disk = load_manifest(tmp_path / "idx")
+    assert on_disk.nprobe == 8
+    index, _ = load_shard(tmp_path / "idx", 0, on_disk)
+    assert faiss.extract_index_ivf(index).nprobe == 8  # what a shard actor serves with
+    # nprobe 0 (auto) keeps what the build tuned; over nlist is capped
+    assert apply_search_settings(tmp_path / "idx", on_disk, IndexConfig(nprobe=0)) == []
+    apply_search_settings(tmp_path / "idx", on_disk, IndexConfig(nprobe=1000))
+    assert load_manifest(tmp_path / "idx").nprobe == 32
+    # build-time settings differ: a reuse check sees it
+    assert build_settings(IndexConfig(train_size=10)) != build_settings(IndexConfig())
+    assert build_settings(IndexConfig(seed=1)) != build_settings(IndexConfig())
+    assert build_settings(IndexConfig(nprobe=9, ef_search=7)) == build_settings(IndexConfig())

@@ -2,14 +2,14 @@
 import numpy as np
 import pytest
 
-from ratray.build import embeddings_dir, index_dir
 from ratray.config import ServiceConfig
 from ratray.data.chunks import ChunkStore
-from ratray.retrieval.index import exact_search
-from ratray.retrieval.neighbours import (ChunkVectors, DocCodes, NeighbourFetcher, ensure_chunk_vectors,
-                                         excluded_docs, filter_candidates, neighbour_tokens,
-                                         precompute_neighbours, sequence_layout)
-from ratray.retrieval.service import ShardedIndex
+from ratray.index.filtered import DocCodes, filter_candidates
+from ratray.index.search import exact_search
+from ratray.index.service import ShardedIndex
+from ratray.retro.neighbours import (ChunkVectors, NeighbourFetcher, ensure_chunk_vectors, excluded_docs,
+                                     neighbour_tokens, precompute_neighbours, sequence_layout)
+from ratray.workdir import Workdir
 
 L = 4  # chunks per sequence
 K = 2
@@ -19,8 +19,9 @@ K = 2
 def env(small_workdir):
     wd, cfg, summary = small_workdir
     store = ChunkStore.open(summary["chunk_store"]["path"])
-    vec_path = ensure_chunk_vectors(store, cfg.embed, embeddings_dir(wd), wd / "vectors", progress=False)
-    index = ShardedIndex.launch(str(index_dir(wd)), ServiceConfig(name="nbr-test", namespace="ratray-tests"))
+    w = Workdir(wd)
+    vec_path = ensure_chunk_vectors(store, cfg.embed, w.embeddings, w.vectors, progress=False)
+    index = ShardedIndex.launch(str(w.index), ServiceConfig(name="nbr-test", namespace="ratray-tests"))
     yield store, index, ChunkVectors(vec_path)
     index.shutdown()
 

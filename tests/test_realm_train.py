@@ -7,7 +7,8 @@ import shutil
 
 import pytest
 
-from ratray.config import ConfigError, RealmJobConfig, load_config
+from ratray.config import ConfigError, load_config
+from ratray.realm.config import RealmJobConfig
 
 SMALL_REALM = ["chunks.tokenizer=wordpiece", "chunks.chunk_tokens=32", "corpus.max_bytes=40000",
                "corpus.val_fraction=0.2", "index.factory=Flat", "index.metric=ip", "index.shards=2",
@@ -17,25 +18,31 @@ SMALL_REALM = ["chunks.tokenizer=wordpiece", "chunks.chunk_tokens=32", "corpus.m
                "eval_queries=16", "train.run_name=realm-test"]
 
 
-def test_realm_config_names_what_is_wrong():
-    with pytest.raises(ConfigError, match="chunks.tokenizer"):
-        load_config(RealmJobConfig, None, ["index.metric=ip"])
-    with pytest.raises(ConfigError, match="index.metric"):
-        load_config(RealmJobConfig, None, ["chunks.tokenizer=wordpiece"])
-    with pytest.raises(ConfigError, match="model.block_tokens"):
-        load_config(RealmJobConfig, None, ["chunks.tokenizer=wordpiece", "index.metric=ip",
-                                           "model.block_tokens=64"])
-    with pytest.raises(ConfigError, match="refresh.every"):
-        load_config(RealmJobConfig, None, SMALL_REALM + ["refresh.every=-1"])
+def test_realm_job_config_is_valid_with_its_own_defaults():
+    job = RealmJobConfig()
+    assert (job.chunks.tokenizer, job.chunks.chunk_tokens, job.index.metric) == ("wordpiece", 288, "ip")
+    assert job.train.run_name == "realm-demo"
+    loaded = load_config(RealmJobConfig, None, ["chunks.chunk_tokens=64"])  # a YAML/--set section
+    assert (loaded.chunks.tokenizer, loaded.chunks.chunk_tokens, loaded.index.metric) == ("wordpiece", 64, "ip")
 
 
-def test_realm_trains_refreshes_and_resumes_with_its_index_version(ray_session, tmp_path):
+@pytest.mark.parametrize("override,key", [
+    ("chunks.tokenizer=bpe", "chunks.tokenizer"), ("index.metric=l2", "index.metric"),
+    ("model.chunk_tokens=64", "model.chunk_tokens"), ("model.block_tokens=64", "model.block_tokens"),
+    ("model.k=1", "model.k"), ("model.query_tokens=480", "chunks.chunk_tokens"),
+    ("refresh.every=-1", "refresh.every")])
+def test_realm_config_names_what_is_wrong(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(RealmJobConfig, None, SMALL_REALM + [override])
+
+
+def test_realm_trains_refreshes_and_resumes_with_its_index_version(ray_session, tmp_path, capsys):
     from mlflow import MlflowClient
 
-    from ratray.retrieval.index import load_manifest
-    from ratray.retrieval.service import serving_dir, version_dir, write_current
+    from jobs.show_run import main as show_run
+    from ratray.index.store import load_manifest, serving_dir, version_dir, write_current
+    from ratray.realm.driver import run
     from ratray.tracking import tracking_uri
-    from ratray.train.realm import run
 
     job = load_config(RealmJobConfig, None, SMALL_REALM + [f"workdir={tmp_path}"])
     s = run(job, progress=False)
@@ -51,6 +58,9 @@ def test_realm_trains_refreshes_and_resumes_with_its_index_version(ray_session, 
         assert abs(right - round(right)) < 1e-6, (key, right)
     run_dir = tmp_path / "runs" / "realm-test"
     assert (run_dir / "summary.json").is_file() and (run_dir / "masked_accuracy.png").is_file()
+    assert show_run(["--workdir", str(tmp_path), "--run-name", "realm-test"]) == 0
+    shown = capsys.readouterr().out
+    assert "REALM run realm-test: 4 steps" in shown and "null document only" in shown
 
     # a client of its own: mlflow.set_tracking_uri would also set MLFLOW_TRACKING_URI for the
     # rest of the session (and send later tests' drivers to this run's database)

@@ -14,9 +14,10 @@ import pytest
 
 from ratray.config import IndexConfig, RefreshConfig, ServiceConfig
 from ratray.data.chunks import ChunkStore
-from ratray.retrieval.index import build_index
-from ratray.retrieval.refresh import embed_corpus, launch_refresh_service, put_weights
-from ratray.retrieval.service import ShardedIndex, serving_dir, version_dir, write_current
+from ratray.index.build import build_index
+from ratray.index.refresh import embed_corpus, launch_refresh_service, put_weights
+from ratray.index.service import ShardedIndex
+from ratray.index.store import serving_dir, version_dir, write_current
 from tests.test_index import brute_force, chunk_ids, mixture
 
 NS = "ratray-refresh-tests"

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ratray.models import Retro, RetroConfig
+from ratray.retro.model import Retro, RetroConfig
 
-M, N, V, PAD = 4, 16, 64, 0  # tiny(): chunk_size 4, seq_len 16 (l = 4 chunks)
+M, N, V, PAD = 4, 16, 64, 0  # tiny(): chunk_tokens 4, seq_len 16 (l = 4 chunks)
 
 
 @pytest.fixture(autouse=True)
@@ -138,7 +138,7 @@ def test_shapes_shorter_sequences_and_more_neighbours():
     assert logits(model, idx, nb).shape == (2, N, V)
     short = logits(model, idx[:, : 2 * M], nb[:, :2])
     assert torch.allclose(short, logits(model, idx, nb)[:, : 2 * M], atol=1e-5)
-    with pytest.raises(ValueError, match="multiple of chunk_size"):
+    with pytest.raises(ValueError, match="multiple of chunk_tokens"):
         model(idx[:, :5])
     with pytest.raises(ValueError, match="neighbours"):
         model(idx, nb[:, :2])
@@ -183,7 +183,7 @@ def test_bf16_autocast_runs():
     (dict(model="realm"), "model"),
 ])
 def test_config_validation_names_the_field(overrides, field):
-    with pytest.raises(ValueError, match=rf"RetroConfig\.{field}:"):
+    with pytest.raises(ValueError, match=rf"config 'model\.{field}':"):
         RetroConfig.tiny(**overrides)
 
 
@@ -192,7 +192,16 @@ def test_default_cca_layers_follow_the_paper():
     assert RetroConfig(vocab_size=V, pad_id=0).cca_layers == (3, 6)  # 6 layers
     assert RetroConfig(vocab_size=V, pad_id=0, n_layer=1).cca_layers == (1,)
     assert RetroConfig(vocab_size=V, pad_id=0, cca_layers=[6, 3]).cca_layers == (3, 6)
-    assert RetroConfig(vocab_size=V, pad_id=0).neighbour_len == 128
+    assert RetroConfig(vocab_size=V, pad_id=0, chunk_tokens=64).neighbour_len == 128  # [N, F]
+    assert RetroConfig().neighbour_len is None  # a job's section: m comes from the chunk store
+
+
+def test_a_model_needs_the_chunk_stores_vocabulary_and_chunk_length():
+    with pytest.raises(ValueError, match="for_store"):
+        Retro(RetroConfig(n_layer=1))
+    cfg = RetroConfig(n_layer=1, cca_layers=(1,)).for_store(V, PAD, M)
+    assert (cfg.vocab_size, cfg.pad_id, cfg.chunk_tokens, cfg.neighbour_len) == (V, PAD, M, 2 * M)
+    assert Retro(cfg).cfg is cfg
 
 
 def test_param_groups_decay_only_linear_weights():

@@ -5,9 +5,10 @@ import json
 import pytest
 from mlflow import MlflowClient
 
-from ratray.config import ConfigError, RetroJobConfig, load_config
+from ratray.config import ConfigError, load_config
+from ratray.retro.config import RetroJobConfig
+from ratray.retro.driver import resolve, run
 from ratray.tracking import tracking_uri
-from ratray.train.retro import resolve, run
 
 TINY = ["model.n_layer=2", "model.d_model=64", "model.n_head=2", "model.seq_len=128",
         "model.enc_layers=1", "model.enc_d_model=32", "model.enc_n_head=2", "model.cca_layers=[1,2]",
@@ -51,7 +52,9 @@ def test_two_workers_train_checkpoint_resume_and_log_to_mlflow(small_workdir):
 
 def test_bad_configuration_fails_before_any_work(small_workdir, tmp_path):
     wd, _, _ = small_workdir
-    with pytest.raises(ConfigError, match="chunk size"):
+    with pytest.raises(ConfigError, match="chunks.chunk_tokens"):
+        resolve(job(wd, "model.chunk_tokens=64"))
+    with pytest.raises(ConfigError, match="model.chunk_size"):  # unknown key: named, not ignored
         resolve(job(wd, "model.chunk_size=64"))
     with pytest.raises(ConfigError, match="model.k"):
         resolve(job(wd, "model.k=100000"))

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from ratray.config import IndexConfig, ServiceConfig
-from ratray.retrieval.index import build_index
-from ratray.retrieval.service import ShardedIndex, ShardVersionError, actor_name
+from ratray.index.build import build_index
+from ratray.index.service import ShardedIndex, ShardVersionError, actor_name
 from tests.test_index import brute_force, chunk_ids, mixture
 
 NS = "ratray-svc-tests"
@@ -135,7 +135,7 @@ def test_connect_by_name_from_another_task(flat_l2, data, ray_session):
 
     @ray.remote(num_cpus=1)
     def worker(queries):
-        from ratray.retrieval.service import ShardedIndex
+        from ratray.index.service import ShardedIndex
         index = ShardedIndex.connect("flat-l2", namespace=NS)
         return index.num_shards, index.search(queries, 10).ids
 
@@ -168,8 +168,8 @@ def test_version_mismatch_is_detected(ray_session, data, tmp_path):
 
 
 def test_shard_asked_for_a_gpu_serves_from_the_cpu_and_says_why_when_there_is_none(data, tmp_path):
-    from ratray.retrieval.gpu import gpu_count
-    from ratray.retrieval.service import IndexShard
+    from ratray.index.gpu import gpu_count
+    from ratray.index.service import IndexShard
 
     if gpu_count() > 0:
         pytest.skip("a GPU is present: bench/gpu_check.py covers the GPU path")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from ratray.config import ConfigError, TrainConfig
-from ratray.train.batches import SequenceSampler
+from ratray.train.sampler import SequenceSampler
 from ratray.train.deepspeed_cfg import deepspeed_config, lr_at
 
 

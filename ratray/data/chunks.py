@@ -173,47 +173,49 @@ def _plan_split(corpus: CorpusConfig, skips: SkipReport) -> tuple[dict[str, int]
     return n, forced
 
 
-def _cut(lens: np.ndarray, m: int) -> tuple[np.ndarray, ...]:
-    """Cut documents of `lens` tokens (laid end to end) into chunks of at most `m` tokens.
+def _cut(lens: np.ndarray, chunk_tokens: int) -> tuple[np.ndarray, ...]:
+    """Cut documents of `lens` tokens (laid end to end) into chunks of at most `chunk_tokens` tokens.
 
     Returns per chunk (all (n_chunks,)): chunk_doc (index into lens), pos (chunk index within its
     document), starts / ends (token positions in the concatenation), last (no chunk follows).
     """
     doc_end = np.cumsum(lens)
     doc_start = doc_end - lens
-    n_chunks = -(-lens // m)  # ceil
+    n_chunks = -(-lens // chunk_tokens)  # ceil
     chunk_doc = np.repeat(np.arange(len(lens)), n_chunks)
     first_chunk = np.cumsum(n_chunks) - n_chunks
     pos = np.arange(len(chunk_doc)) - first_chunk[chunk_doc]
-    starts = doc_start[chunk_doc] + pos * m
-    ends = np.minimum(starts + m, doc_end[chunk_doc])
+    starts = doc_start[chunk_doc] + pos * chunk_tokens
+    ends = np.minimum(starts + chunk_tokens, doc_end[chunk_doc])
     return chunk_doc, pos, starts, ends, pos + 1 == n_chunks[chunk_doc]
 
 
-def _chunk_batch(docs: list[Document], ids: list, split: list[str], m: int,
+def _chunk_batch(docs: list[Document], ids: list, split: list[str], chunk_tokens: int,
                  tok: LMTokenizer | WordPieceTokenizer, first_id: int, skips: SkipReport,
                  offsets: list[np.ndarray] | None = None) -> pa.Table | None:
-    """Cut a batch of tokenized documents into chunks of `m` tokens (vectorised); None if no chunk.
+    """Cut a batch of tokenized documents into chunks of `chunk_tokens` tokens (vectorised); None
+    if no chunk.
 
-    bpe (`offsets` None): documents under `m` tokens are skipped ("shorter_than_chunk"); text is the
-    decoded chunk and n_bytes its exact byte count. wordpiece (`offsets` given: (n_i, 2) character
-    spans per document): a document under `m` tokens is one shorter block, one without any token is
-    skipped ("no_tokens"); text is the original span from the first token's start to the last
-    token's end, n_bytes its UTF-8 length.
+    bpe (`offsets` None): documents under `chunk_tokens` tokens are skipped ("shorter_than_chunk");
+    text is the decoded chunk and n_bytes its exact byte count. wordpiece (`offsets` given: (n_i, 2)
+    character spans per document): a document under `chunk_tokens` tokens is one shorter block, one
+    without any token is skipped ("no_tokens"); text is the original span from the first token's
+    start to the last token's end, n_bytes its UTF-8 length.
     """
     lens = np.array([len(x) for x in ids], dtype=np.int64)
-    min_len = m if offsets is None else 1
+    min_len = chunk_tokens if offsets is None else 1
     keep = np.flatnonzero(lens >= min_len)
     for i in np.flatnonzero(lens < min_len):
         if offsets is None:
-            skips.add("shorter_than_chunk", f"{docs[i].source} ({lens[i]} tokens < chunk_tokens {m})")
+            skips.add("shorter_than_chunk",
+                      f"{docs[i].source} ({lens[i]} tokens < chunk_tokens {chunk_tokens})")
         else:
             skips.add("no_tokens", f"{docs[i].source} (no wordpiece token)")
     if len(keep) == 0:
         return None
     lens = lens[keep]
     flat = np.concatenate([np.asarray(ids[i], dtype=np.int32) for i in keep])  # (sum(lens),)
-    chunk_doc, pos, starts, ends, last = _cut(lens, m)
+    chunk_doc, pos, starts, ends, last = _cut(lens, chunk_tokens)
     chunk_id = first_id + np.arange(len(chunk_doc), dtype=np.int64)
     next_id = np.where(last, -1, chunk_id + 1)
     doc_of = keep[chunk_doc]
@@ -268,7 +270,6 @@ def _build(corpus: CorpusConfig, chunks: ChunkConfig, out: Path, key: str, finge
     t_tok = time.time() - t0
 
     # 3. tokenize, chunk, write
-    m = chunks.chunk_tokens
     counts = {k: {"train": 0, "val": 0} for k in ("documents", "chunks", "tokens", "bytes")}
     n_written = 0
     bar = tqdm(total=sum(docs_read.values()), unit="doc", desc="tokenize+chunk", disable=not progress)
@@ -278,9 +279,11 @@ def _build(corpus: CorpusConfig, chunks: ChunkConfig, out: Path, key: str, finge
             texts = [d.text for d in docs]
             if wordpiece:
                 ids, offsets = zip(*tok.encode_batch_offsets(texts))
-                table = _chunk_batch(docs, list(ids), split, m, tok, n_written, skips, list(offsets))
+                table = _chunk_batch(docs, list(ids), split, chunks.chunk_tokens, tok, n_written,
+                                     skips, list(offsets))
             else:
-                table = _chunk_batch(docs, tok.encode_batch(texts), split, m, tok, n_written, skips)
+                table = _chunk_batch(docs, tok.encode_batch(texts), split, chunks.chunk_tokens, tok,
+                                     n_written, skips)
             bar.update(len(docs))
             if table is None:
                 continue
@@ -300,7 +303,8 @@ def _build(corpus: CorpusConfig, chunks: ChunkConfig, out: Path, key: str, finge
             raise ChunkStoreError(f"the train split has no blocks: no train document has a wordpiece "
                                   f"token (skipped: {skips.counts}); add documents")
         raise ChunkStoreError(
-            f"the train split has no chunks: every train document is shorter than chunk_tokens={m} "
+            f"the train split has no chunks: every train document is shorter than "
+            f"chunk_tokens={chunks.chunk_tokens} "
             f"tokens (skipped: {skips.counts}); lower chunks.chunk_tokens or add longer documents")
     for c in counts.values():
         c["total"] = c["train"] + c["val"]

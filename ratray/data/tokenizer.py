@@ -33,6 +33,8 @@ from typing import Iterable, Sequence
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from ratray.pretrained import model_path
+
 EOT = "<|endoftext|>"
 PAD = "<|pad|>"
 SPECIAL_TOKENS = (EOT, PAD)
@@ -166,8 +168,6 @@ WORDPIECE_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 def wordpiece_file(model: str) -> Path:
     """The `tokenizer.json` shipped with embedding model `model` (never downloaded)."""
-    from ratray.retrieval.embed import model_path  # lazy: keeps this module free of model imports
-
     path = model_path(model) / "tokenizer.json"
     if not path.is_file():
         raise FileNotFoundError(f"model {model!r} has no tokenizer.json at {path}")
@@ -195,7 +195,7 @@ class WordPieceTokenizer(_TokenizerFile):
 
     @classmethod
     def from_model(cls, model: str) -> WordPieceTokenizer:
-        """The tokenizer shipped with embedding model `model` (see `ratray.retrieval.embed.model_path`)."""
+        """The tokenizer shipped with embedding model `model` (see `ratray.pretrained.model_path`)."""
         return cls.load(wordpiece_file(model))
 
     # -- using ------------------------------------------------------------------------------

@@ -80,7 +80,7 @@ from typing import Sequence
 
 import numpy as np
 
-IGNORE = -100  # label of positions that are not predicted
+from ratray.realm.config import IGNORE
 
 # ---------------------------------------------------------------------------------------------
 # salient spans

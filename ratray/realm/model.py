@@ -36,69 +36,15 @@ Design (documented once, here):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-IGNORE = -100  # label of a token that is not predicted
+from ratray.realm.config import IGNORE, RealmConfig  # torch-free: job configs load them
 
-# ---------------------------------------------------------------------------------------------
-# config
-
-
-@dataclass
-class RealmConfig:
-    vocab_size: int = 30522  # BERT WordPiece (uncased) of the pretrained encoder
-    pad_id: int = 0  # [PAD]
-    cls_id: int = 101  # [CLS]
-    sep_id: int = 102  # [SEP]
-    mask_id: int = 103  # [MASK]
-    d_model: int = 384  # d: MiniLM-L6-H384
-    n_heads: int = 12
-    d_ff: int = 1536
-    max_positions: int = 512
-    type_vocab: int = 2
-    ln_eps: float = 1e-12
-    retriever_layers: int = 6  # layers of the query and of the doc tower
-    reader_layers: int = 6  # layers of the knowledge-augmented encoder
-    proj_dim: int = 128  # p: retrieval embedding width (REALM: 128)
-    score_scale: float = 16.0  # initial e_x·e_z ≈ score_scale · cosine (an inverse temperature)
-    k: int = 8  # candidates per query, including the null document (REALM: 8)
-    query_tokens: int = 64  # q: wordpieces of a masked query
-    block_tokens: int = 288  # t: wordpieces of a knowledge block (REALM: 288)
-    dropout: float = 0.0
-    init_seed: int = 0  # seed of the towers' initial projection: every process builds the same map
-
-    def __post_init__(self) -> None:
-        def check(ok: bool, name: str, msg: str) -> None:
-            if not ok:
-                raise ValueError(f"RealmConfig.{name}: {msg}, got {getattr(self, name)!r}")
-
-        check(self.vocab_size > max(self.pad_id, self.cls_id, self.sep_id, self.mask_id),
-              "vocab_size", "must exceed every special token id")
-        check(self.d_model % self.n_heads == 0, "d_model", f"must be a multiple of n_heads ({self.n_heads})")
-        check(self.retriever_layers >= 1, "retriever_layers", "must be >= 1")
-        check(self.reader_layers >= 1, "reader_layers", "must be >= 1")
-        check(self.proj_dim >= 1, "proj_dim", "must be >= 1")
-        check(self.score_scale > 0, "score_scale", "must be > 0")
-        check(self.k >= 2, "k", "must be >= 2 (at least one retrieved block and the null document)")
-        check(self.query_tokens >= 1, "query_tokens", "must be >= 1")
-        check(self.block_tokens >= 1, "block_tokens", "must be >= 1")
-        check(self.query_tokens + self.block_tokens + 3 <= self.max_positions, "block_tokens",
-              f"[CLS] query [SEP] block [SEP] must fit max_positions={self.max_positions}")
-        check(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "RealmConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"RealmConfig: unknown fields {unknown}")
-        return cls(**d)
-
+__all__ = ["IGNORE", "Realm", "RealmConfig", "Tower"]
 
 # ---------------------------------------------------------------------------------------------
 # a BERT encoder (the layout of the pretrained checkpoint)
@@ -285,6 +231,22 @@ class Realm(nn.Module):
         """The doc tower's weights (what the index is built from), detached on the CPU."""
         return {k: v.detach().cpu().clone() for k, v in self.doc_tower.state_dict().items()}
 
+    # -- parameters ----------------------------------------------------------------------------
+
+    def param_groups(self, weight_decay: float, lr: float, tower_lr_scale: float) -> list[dict]:
+        """AdamW groups, in this order: towers (decay, no decay), reader + MLM head (decay, no
+        decay). Decay on matrices only; the towers train at `tower_lr_scale` × `lr` (a fresh MLM
+        head needs a high rate; towers as fast collapse p(z|x) onto the null document)."""
+        towers = {id(p) for m in (self.query_tower, self.doc_tower) for p in m.parameters()}
+        groups = []
+        for is_tower in (True, False):
+            for decay in (True, False):
+                ps = [p for p in self.parameters()
+                      if (id(p) in towers) == is_tower and (p.dim() >= 2) == decay]
+                groups.append({"params": ps, "weight_decay": weight_decay if decay else 0.0,
+                               "lr": lr * (tower_lr_scale if is_tower else 1.0)})
+        return groups
+
     # -- the objective -------------------------------------------------------------------------
 
     def forward(self, query: torch.Tensor, labels: torch.Tensor, blocks: torch.Tensor,
@@ -313,7 +275,7 @@ class Realm(nn.Module):
                                                    device=blocks.device)], 1)  # (b k t)
         ids, types = join_query_block(query, all_blocks, cfg)  # (b k L)
         k, L = ids.shape[1], ids.shape[2]
-        slots, slot_ok, targets = _masked_slots(labels)  # (b M) query positions, mask, ids
+        slots, slot_ok, targets = masked_slots(labels)  # (b M) query positions, mask, ids
         h = self.reader(ids.view(b * k, L), types.view(b * k, L)).view(b, k, L, -1)
         pos = (1 + slots)[:, None, :, None].expand(b, k, slots.shape[1], h.shape[-1])
         hm = torch.gather(h, 2, pos)  # (b k M d)
@@ -335,7 +297,7 @@ class Realm(nn.Module):
         return out
 
 
-def _masked_slots(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def masked_slots(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """labels (b q) -> slots (b M) query positions of the masked tokens (padded with 0),
     slot_ok (b M) float, targets (b M) the ids to predict (0 on padding); M = most per row."""
     is_m = labels != IGNORE
@@ -364,11 +326,3 @@ def _stats(log_pz, logp_tok, logp_yz, targets, slot_ok, keep) -> dict[str, torch
     return {"correct_retrieval": (right & ok).sum().float(), "correct_null": (right_null & ok).sum().float(),
             "masked": ok.sum().float(), "queries": torch.tensor(float(len(pz))),
             "utility": ru.sum(), "p_null": pz[:, -1].sum(), "nll_null": -logp_yz[:, -1].sum()}
-
-
-def tiny(**over) -> RealmConfig:
-    """A small random-init config for tests and smoke runs."""
-    base = RealmConfig(vocab_size=64, pad_id=0, cls_id=1, sep_id=2, mask_id=3, d_model=32, n_heads=4,
-                       d_ff=64, max_positions=64, retriever_layers=1, reader_layers=1, proj_dim=16,
-                       k=3, query_tokens=8, block_tokens=8)
-    return replace(base, **over)

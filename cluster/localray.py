@@ -1,9 +1,10 @@
 """A local single-node Ray head for `make demo` and the README: start it, submit jobs, stop it.
 
-    python -m ratray.cluster up [--num-cpus 2] [--port 6379] [--dashboard-port 8265]
-    python -m ratray.cluster submit [--working-dir .] [--no-wait] -- python jobs/x.py --flag
-    python -m ratray.cluster status | env | down
-    (cluster/local.sh wraps exactly these with .venv/bin/python)
+    cluster/local.sh up [--num-cpus 2] [--port 6379] [--dashboard-port 8265]
+    cluster/local.sh submit [--working-dir .] [--no-wait] -- python jobs/x.py --flag
+    cluster/local.sh status | env | logs JOB_ID | down
+    (cluster/local.sh runs this file with .venv/bin/python; it is tooling, not part of the
+    ratray package, and imports nothing from it)
 
 What this does on `up` (facts verified on Ray 2.60, see tests/test_cluster_local.py):
 
@@ -77,7 +78,8 @@ class ClusterError(RuntimeError):
     """The local head could not be started, reached or stopped."""
 
 
-def _ray_exe(python: str) -> str:
+def ray_exe(python: str) -> str:
+    """The `ray` CLI of the interpreter `python` (its venv's bin), else the first on PATH."""
     exe = Path(python).with_name("ray")
     if exe.exists():
         return str(exe)
@@ -87,7 +89,8 @@ def _ray_exe(python: str) -> str:
     return found
 
 
-def _port_busy(port: int, host: str = "127.0.0.1") -> bool:
+def port_busy(port: int, host: str = "127.0.0.1") -> bool:
+    """True when something accepts TCP connections on host:port."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.settimeout(0.5)
         return s.connect_ex((host, port)) == 0
@@ -123,7 +126,7 @@ class LocalRay:
         self.port = int(port)
         self.dashboard_port = int(dashboard_port)
         self.temp_dir = Path(self._temp_dir_arg or Path(tempfile.gettempdir()) / f"ratray-ray-{self.port}")
-        state = self._read_state()
+        state = self.read_state()
         if state:  # a head already started on this port decides the ports/auth
             self.dashboard_port = state["dashboard_port"]
             self.auth = state["auth"]
@@ -136,7 +139,7 @@ class LocalRay:
 
     @property
     def gcs_address(self) -> str | None:
-        state = self._read_state()
+        state = self.read_state()
         return state.get("gcs_address") if state else None
 
     @property
@@ -148,7 +151,8 @@ class LocalRay:
         return {"RAY_ADDRESS": self.address, "RAY_API_SERVER_ADDRESS": self.address,
                 "RAY_AUTH_MODE": self.auth}
 
-    def _base_env(self) -> dict[str, str]:
+    def base_env(self) -> dict[str, str]:
+        """The environment every command for this head runs with: ours, `extra_env`, the auth mode."""
         env = dict(os.environ)
         env.update(self.extra_env)
         env["RAY_AUTH_MODE"] = self.auth
@@ -156,7 +160,7 @@ class LocalRay:
         return env
 
     def _token(self) -> str | None:
-        env = self._base_env()
+        env = self.base_env()
         if env.get("RAY_AUTH_TOKEN", "").strip():
             return env["RAY_AUTH_TOKEN"].strip()
         candidates = []
@@ -174,21 +178,22 @@ class LocalRay:
         available. Returns True when it generated one."""
         if self._token():
             return False
-        r = subprocess.run([_ray_exe(self.python), "get-auth-token", "--generate"],
-                           env=self._base_env(), capture_output=True, text=True, timeout=60)
+        r = subprocess.run([ray_exe(self.python), "get-auth-token", "--generate"],
+                           env=self.base_env(), capture_output=True, text=True, timeout=60)
         if r.returncode != 0 or not self._token():
             raise ClusterError(f"`ray get-auth-token --generate` failed: {r.stderr.strip()[-2000:]}")
         return True
 
     # -- state --------------------------------------------------------------------------------
-    def _read_state(self) -> dict | None:
+    def read_state(self) -> dict | None:
+        """The state file `up` wrote (ports, pids, marker, auth), None when there is none."""
         try:
             return json.loads(self.state_path.read_text())
         except (OSError, ValueError):
             return None
 
     def is_up(self) -> bool:
-        state = self._read_state()
+        state = self.read_state()
         return bool(state) and _alive(state["gcs_pid"], state.get("gcs_create_time"))
 
     # -- up -----------------------------------------------------------------------------------
@@ -206,14 +211,14 @@ class LocalRay:
         if dashboard_port is not None:
             self.dashboard_port = int(dashboard_port)
         if self.state_path.exists():  # stale: its processes are gone
-            self._stop_processes(self._read_state() or {}, grace=5.0)
+            self._stop_processes(self.read_state() or {}, grace=5.0)
             self.state_path.unlink(missing_ok=True)
 
         client_port, agent_port = self.port + 1, self.port + 2
         for what, p in (("GCS --port", self.port), ("--dashboard-port", self.dashboard_port),
                         ("ray client server (port+1)", client_port),
                         ("dashboard agent (port+2)", agent_port)):
-            if _port_busy(p):
+            if port_busy(p):
                 raise ClusterError(f"port {p} ({what}) is already in use by another process: "
                                    "choose other --port/--dashboard-port")
         if len(str(self.temp_dir.resolve())) > MAX_TEMP_DIR_CHARS:
@@ -224,12 +229,12 @@ class LocalRay:
 
         self.temp_dir.mkdir(parents=True, exist_ok=True)
         marker = uuid.uuid4().hex
-        env = self._base_env()
+        env = self.base_env()
         env[MARKER_ENV] = marker
         env["PATH"] = str(Path(self.python).parent) + os.pathsep + env.get("PATH", "")
         for k in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
             env.pop(k, None)
-        cmd = [_ray_exe(self.python), "start", "--head", f"--num-cpus={int(num_cpus)}",
+        cmd = [ray_exe(self.python), "start", "--head", f"--num-cpus={int(num_cpus)}",
                f"--port={self.port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={client_port}",
                f"--dashboard-agent-listen-port={agent_port}", f"--temp-dir={self.temp_dir}",
@@ -327,14 +332,14 @@ class LocalRay:
         if not self.is_up():
             raise ClusterError(f"no local Ray head started by ratray on port {self.port}: run `up` first")
         job_id = submission_id or f"ratray_{time.strftime('%Y%m%d_%H%M%S')}_{uuid.uuid4().hex[:6]}"
-        cmd = [_ray_exe(self.python), "job", "submit", f"--address={self.address}",
+        cmd = [ray_exe(self.python), "job", "submit", f"--address={self.address}",
                f"--submission-id={job_id}", f"--working-dir={Path(working_dir).resolve()}"]
         if runtime_env:
             cmd.append(f"--runtime-env-json={json.dumps(runtime_env)}")
         if not follow:
             cmd.append("--no-wait")
         cmd += ["--", *[str(a) for a in entrypoint]]
-        env = self._base_env()
+        env = self.base_env()
         env.update(self.env())
         out = stream or sys.stdout
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -392,7 +397,7 @@ class LocalRay:
 
     def processes(self) -> list[int]:
         """Pids of the running processes of the head this class started (empty when down)."""
-        state = self._read_state()
+        state = self.read_state()
         return sorted(self._members(state)) if state else []
 
     def _stop_processes(self, state: dict, grace: float = 10.0) -> int:
@@ -434,7 +439,7 @@ class LocalRay:
 
     def down(self, grace: float = 10.0, quiet: bool = False) -> int:
         """Stop only the head this class started; returns how many processes were stopped."""
-        state = self._read_state()
+        state = self.read_state()
         if not state:
             if not quiet:
                 print(f"ratray: no local Ray head started by ratray on port {self.port}", file=sys.stderr)
@@ -448,7 +453,7 @@ class LocalRay:
         return n
 
     def status(self) -> dict:
-        state = self._read_state() or {}
+        state = self.read_state() or {}
         up = self.is_up()
         info = {"up": up, "port": self.port, "address": self.address if up else None,
                 "gcs_address": state.get("gcs_address") if up else None, "auth": self.auth,
@@ -472,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     if "--" in argv:
         i = argv.index("--")
         argv, entry = argv[:i], argv[i + 1:]
-    ap = argparse.ArgumentParser(prog="python -m ratray.cluster",
+    ap = argparse.ArgumentParser(prog="cluster/local.sh",
                                  description="A local single-node Ray head (see module docstring).")
     ap.add_argument("command", choices=["up", "down", "status", "submit", "env", "logs"])
     ap.add_argument("job_id", nargs="?", help="for `logs`")

@@ -8,7 +8,7 @@ Data flow, in the order of this file:
                                                         │ at every CCA layer:
                                                         x += CCA(x, E)   (chunked, causal)
 
-Notation: b batch, n tokens, m chunk_size, l = n/m chunks, k neighbours per chunk, r tokens per
+Notation: b batch, n tokens, m = chunk_tokens, l = n/m chunks, k neighbours per chunk, r tokens per
 neighbour (the neighbour chunk N and its continuation F), d decoder width, D encoder width.
 
 Design (documented once, here):
@@ -37,85 +37,13 @@ Design (documented once, here):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# ---------------------------------------------------------------------------------------------
-# config
+from ratray.retro.config import RetroConfig  # the config (a torch-free dataclass: job configs use it)
 
-
-@dataclass
-class RetroConfig:
-    vocab_size: int  # LM tokenizer vocabulary
-    pad_id: int  # ignored as target; masked as neighbour key
-    chunk_size: int = 64  # m
-    seq_len: int = 512  # training n, a multiple of m (l = n/m chunks); forward takes any k*m
-    n_layer: int = 6
-    n_head: int = 4
-    d_model: int = 256
-    dropout: float = 0.0
-    bias: bool = False  # biases in Linear and LayerNorm
-    cca_layers: tuple[int, ...] | None = None  # 1-based; None: every 3rd from max(1, n_layer//2)
-    enc_layers: int = 2
-    enc_d_model: int = 128  # D
-    enc_n_head: int = 4
-    k: int = 2  # neighbours per chunk used in training
-    neighbour_len: int | None = None  # r; None: 2*chunk_size ([N, F])
-    model: str = "retro"  # retro | baseline (same decoder, no encoder, no CCA)
-    zero_init_cca: bool = True  # CCA output projections start at 0: untrained RETRO == RETRO[OFF]
-
-    def __post_init__(self) -> None:
-        def check(ok: bool, name: str, msg: str) -> None:
-            if not ok:
-                raise ValueError(f"RetroConfig.{name}: {msg}, got {getattr(self, name)!r}")
-
-        check(self.vocab_size >= 1, "vocab_size", "must be >= 1")
-        check(0 <= self.pad_id < self.vocab_size, "pad_id", "must be in [0, vocab_size)")
-        check(self.chunk_size >= 1, "chunk_size", "must be >= 1")
-        check(self.seq_len >= 1 and self.seq_len % self.chunk_size == 0, "seq_len",
-              f"must be a positive multiple of chunk_size ({self.chunk_size})")
-        check(self.n_layer >= 1, "n_layer", "must be >= 1")
-        check(self.n_head >= 1 and self.d_model % (2 * self.n_head) == 0, "n_head",
-              f"must be >= 1 and divide d_model ({self.d_model}) into even head sizes (RoPE)")
-        check(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
-        check(self.model in ("retro", "baseline"), "model", "must be 'retro' or 'baseline'")
-        check(self.enc_layers >= 1, "enc_layers", "must be >= 1")
-        check(self.enc_n_head >= 1 and self.enc_d_model % (2 * self.enc_n_head) == 0,
-              "enc_n_head", f"must be >= 1 and divide enc_d_model ({self.enc_d_model}) into even "
-              "head sizes (RoPE)")
-        check(self.k >= 1, "k", "must be >= 1")
-        if self.neighbour_len is None:
-            self.neighbour_len = 2 * self.chunk_size
-        check(self.neighbour_len >= 1, "neighbour_len", "must be >= 1")
-        if self.cca_layers is None:
-            self.cca_layers = tuple(range(max(1, self.n_layer // 2), self.n_layer + 1, 3))
-        self.cca_layers = tuple(self.cca_layers)  # YAML gives lists
-        check(len(self.cca_layers) >= 1 and all(1 <= i <= self.n_layer for i in self.cca_layers)
-              and len(set(self.cca_layers)) == len(self.cca_layers), "cca_layers",
-              f"must be distinct layer numbers in 1..n_layer ({self.n_layer})")
-        self.cca_layers = tuple(sorted(self.cca_layers))
-
-    @classmethod
-    def tiny(cls, **overrides) -> RetroConfig:
-        """For tests: m=4, n=16, 2 layers (CCA at 1 and 2), d=32."""
-        base = dict(vocab_size=64, pad_id=0, chunk_size=4, seq_len=16, n_layer=2, n_head=2,
-                    d_model=32, cca_layers=(1, 2), enc_layers=1, enc_d_model=16, enc_n_head=2)
-        return cls(**{**base, **overrides})
-
-    @classmethod
-    def small(cls, vocab_size: int, pad_id: int, **overrides) -> RetroConfig:
-        """The defaults (6 layers, d 256, m 64, n 512, CCA at 3 and 6): a CPU-sized RETRO."""
-        return cls(vocab_size=vocab_size, pad_id=pad_id, **overrides)
-
-    def as_baseline(self) -> RetroConfig:
-        return replace(self, model="baseline")
-
-    def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
+__all__ = ["Retro", "RetroConfig"]
 
 # ---------------------------------------------------------------------------------------------
 # building blocks
@@ -216,7 +144,7 @@ class RetroEncoder(nn.Module):
     def forward(self, nb_emb, h, key_ok):
         # nb_emb (b l k r d) token embeddings, h (b n d) decoder activations, key_ok (b l k r)
         b, l, k, r, _ = nb_emb.shape
-        hu = self.ln_h(h).view(b, l, self.cfg.chunk_size, -1)  # b l m d
+        hu = self.ln_h(h).view(b, l, self.cfg.chunk_tokens, -1)  # b l m d
         e = self.drop(self.inp(nb_emb))  # b l k r D
         self_mask = _key_mask(key_ok)  # b l k 1 1 r
         for block in self.blocks:
@@ -231,12 +159,12 @@ class RetroEncoder(nn.Module):
 class ChunkedCrossAttention(nn.Module):
     def __init__(self, cfg: RetroConfig):
         super().__init__()
-        self.m = cfg.chunk_size
+        self.chunk_tokens = cfg.chunk_tokens
         self.attn = Attention(cfg.d_model, cfg.n_head, cfg.bias, cfg.dropout, d_ctx=cfg.enc_d_model)
 
     def forward(self, x, e, key_ok):
         # x (b n d) normalised, e (b l k r D), key_ok (b l k r) → update (b n d)
-        (b, n, d), m = x.shape, self.m
+        (b, n, d), m = x.shape, self.chunk_tokens
         l, kr = e.shape[1], e.shape[2] * e.shape[3]
         # group u = positions u*m+m-1 .. (u+1)*m+m-2: shift left by m-1, pad the tail
         q = F.pad(x[:, m - 1:], (0, 0, 0, m - 1)).view(b * l, m, d)  # (b l) m d
@@ -276,6 +204,8 @@ class Block(nn.Module):
 class Retro(nn.Module):
     def __init__(self, cfg: RetroConfig):
         super().__init__()
+        if not cfg.complete:
+            raise ValueError("RetroConfig needs vocab_size, pad_id and chunk_tokens (for_store())")
         self.cfg = cfg
         self.retrieval = cfg.model == "retro"
         cca = set(cfg.cca_layers) if self.retrieval else set()
@@ -312,15 +242,15 @@ class Retro(nn.Module):
         Returns (logits (b n V), mean cross-entropy over non-pad targets or None)."""
         cfg = self.cfg
         b, n = idx.shape
-        if n == 0 or n % cfg.chunk_size:
-            raise ValueError(f"sequence length {n} must be a positive multiple of chunk_size "
-                             f"({cfg.chunk_size})")
+        if n == 0 or n % cfg.chunk_tokens:
+            raise ValueError(f"sequence length {n} must be a positive multiple of chunk_tokens "
+                             f"({cfg.chunk_tokens})")
         x = self.drop(self.wte(idx))  # b n d (positions are rotary, inside attention)
         key_ok = None
         if not self.retrieval:
             neighbours = None
         if neighbours is not None:
-            l = n // cfg.chunk_size
+            l = n // cfg.chunk_tokens
             if neighbours.dim() != 4 or neighbours.shape[:2] != (b, l):
                 raise ValueError(f"neighbours must be (b={b}, l={l}, k, r), "
                                  f"got {tuple(neighbours.shape)}")

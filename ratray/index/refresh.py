@@ -4,7 +4,7 @@ shards, hot-swap them under a new version — while training goes on (REALM's as
     trainer (rank 0) ── request([weights ref], step) ──► RefreshService actor (one refresh at a time)
                                                           │ embed: blocks split into parts, Ray tasks
                                                           │        (each loads the weights once)
-                                                          │ build: index.build_index → versions/v00000N
+                                                          │ build: build_index → versions/v00000N
                                                           └ swap:  ShardedIndex.swap (two-phase)
     shard actors keep answering from version N-1 until the commit; every answer names its version
 
@@ -26,7 +26,6 @@ shards, hot-swap them under a new version — while training goes on (REALM's as
 from __future__ import annotations
 
 import logging
-import shutil
 import threading
 import time
 import traceback
@@ -39,8 +38,10 @@ import ray
 
 from ratray.config import IndexConfig, RefreshConfig, ServiceConfig
 from ratray.data.chunks import ChunkStore
-from ratray.retrieval.index import build_index
-from ratray.retrieval.service import ShardedIndex, serving_dir, version_dir, write_current
+from ratray.index.build import build_index
+from ratray.index.service import ShardedIndex
+from ratray.index.store import (is_versioned, load_manifest, remove_version, serving_dir,
+                                version_dir, versions_on_disk, write_current)
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +55,14 @@ class RefreshError(RuntimeError):
 
 
 def _embed_part(embedder: Callable, weights_box: list, store_path: str, ids: np.ndarray,
-                width: int, threads: int) -> np.ndarray:
+                chunk_tokens: int, threads: int) -> np.ndarray:
     import torch
 
     torch.set_num_threads(max(1, threads))
     weights = weights_box[0]
     if isinstance(weights, ray.ObjectRef):
         weights = ray.get(weights)
-    tokens = ChunkStore.open(store_path).tokens(ids, pad_to=width)  # (n t)
+    tokens = ChunkStore.open(store_path).tokens(ids, pad_to=chunk_tokens)  # (n t)
     return np.asarray(embedder(weights, tokens), dtype=np.float32)
 
 
@@ -74,14 +75,13 @@ def embed_corpus(embedder: Callable, weights_box: list, store: ChunkStore, cfg: 
     parts = np.array_split(ids, max(1, min(len(ids), cfg.num_workers * cfg.parts_per_worker)))
     task = ray.remote(_embed_part).options(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus or None,
                                            max_retries=0)
-    width = store.chunk_tokens
     out: list[np.ndarray | None] = [None] * len(parts)
     pending: dict = {}
     nxt = 0
     with tqdm(total=len(ids), desc="refresh: re-embed", unit="block", disable=not progress) as bar:
         while nxt < len(parts) or pending:
             while nxt < len(parts) and len(pending) < cfg.num_workers:
-                pending[task.remote(embedder, weights_box, str(store.path), parts[nxt], width,
+                pending[task.remote(embedder, weights_box, str(store.path), parts[nxt], store.chunk_tokens,
                                     cfg.threads)] = nxt
                 nxt += 1
             done, _ = ray.wait(list(pending), num_returns=1)
@@ -147,17 +147,8 @@ class RefreshService:
 
     # -- disk ----------------------------------------------------------------------------------
 
-    def _versions_on_disk(self) -> list[int]:
-        vdir = self.root / "versions"
-        if not vdir.is_dir():
-            return []
-        return sorted(int(p.name[1:]) for p in vdir.iterdir()
-                      if p.name.startswith("v") and p.name[1:].isdigit() and (p / "manifest.json").is_file())
-
     def _sync_serving_from_disk(self) -> None:
-        from ratray.retrieval.index import load_manifest
-
-        if (self.root / "CURRENT").is_file():
+        if is_versioned(self.root):
             m = load_manifest(serving_dir(self.root))
             self.state.serving_version = int(m.version)
             step = m.extra.get("weights_step")
@@ -167,24 +158,23 @@ class RefreshService:
     def _prune(self) -> None:
         keep = max(1, self.cfg.keep_versions)
         serving = self.state.serving_version
-        for v in self._versions_on_disk()[:-keep]:
+        for v in versions_on_disk(self.root)[:-keep]:
             if v != serving:
-                shutil.rmtree(version_dir(self.root, v), ignore_errors=True)
+                remove_version(self.root, v)
 
     # -- one refresh ---------------------------------------------------------------------------
 
     def build_version(self, weights_box: list, step: int, progress: bool = True) -> tuple[int, dict]:
         """Embed every block with `weights`, build the next version's shards; swap nothing."""
-        version = max([self.state.serving_version, *self._versions_on_disk()]) + 1
+        version = max([self.state.serving_version, *versions_on_disk(self.root)]) + 1
         t0 = time.perf_counter()
         ids, vectors = embed_corpus(self.embedder, weights_box, self.store, self.cfg, progress)
         t1 = time.perf_counter()
-        m = build_index(vectors, ids, version_dir(self.root, version), self.index_cfg,
-                        embedding_model=f"{self.embedding_model}@step{step}",
-                        chunk_store=str(self.store.path), version=version)
-        # remember the weights' step in the manifest (a restarted service reads it back)
-        m.extra["weights_step"] = int(step)
-        (version_dir(self.root, version) / "manifest.json").write_text(m.to_json())
+        # the weights' step goes into the manifest: a restarted service reads it back
+        build_index(vectors, ids, version_dir(self.root, version), self.index_cfg,
+                    embedding_model=f"{self.embedding_model}@step{step}",
+                    chunk_store=str(self.store.path), version=version,
+                    extra_manifest={"weights_step": int(step)})
         t2 = time.perf_counter()
         return version, {"embed_s": t1 - t0, "build_s": t2 - t1, "blocks": len(ids)}
 
@@ -205,7 +195,7 @@ class RefreshService:
     def initial(self, weights_box: list, step: int = 0) -> dict:
         """Build the first version and point CURRENT at it (no shard actors exist yet). Reuses the
         serving version already on disk (a resumed run)."""
-        if (self.root / "CURRENT").is_file():
+        if is_versioned(self.root):
             self._sync_serving_from_disk()
             return {"version": self.state.serving_version, "reused": True}
         t0 = time.perf_counter()
@@ -223,7 +213,7 @@ class RefreshService:
         try:
             self._service().swap(version_dir(self.root, version))
         except BaseException:
-            shutil.rmtree(version_dir(self.root, version), ignore_errors=True)
+            remove_version(self.root, version)
             raise
         t2 = time.perf_counter()
         rec = self._record(version, step, t, t2 - t1, t2 - t0)
@@ -307,7 +297,7 @@ class RefreshService:
             self.state.history = list(saved.get("history", []))[-50:] or self.state.history
         want = int(saved.get("serving_version", 0))
         restored = False
-        if want and want != self.state.serving_version and (version_dir(self.root, want) / "manifest.json").is_file():
+        if want and want != self.state.serving_version and want in versions_on_disk(self.root):
             self._service().swap(version_dir(self.root, want), allow_older=True)
             with self._lock:
                 self.state.serving_version = want

@@ -4,7 +4,7 @@ Everything here imports and answers cleanly on a machine without CUDA or without
 (`gpu_count()` is 0 there, `gpu_index_or_none()` returns None and says why); nothing touches a
 GPU at import time.
 
-    from ratray.retrieval.gpu import gpu_count, GpuIndex
+    from ratray.index.gpu import gpu_count, GpuIndex
 
     if gpu_count() > 0:
         enable_reconstruct(cpu_index)                 # before wrapping: decoding stays on the CPU
@@ -14,13 +14,14 @@ GPU at import time.
 Why a wrapper and a lock:
 
 - FAISS GPU indexes do not support concurrent queries, nor a search concurrent with an add
-  (REFERENCE.md, "Related systems"), and a `StandardGpuResources` (CUDA stream, cuBLAS handle,
+  (the FAISS wiki, "Threads and asynchronous calls": "Faiss GPU indices are not thread-safe, even
+  for read only functions"), and a `StandardGpuResources` (CUDA stream, cuBLAS handle,
   scratch-memory pool) must not be used from two threads at once either. A shard actor serves
   `max_concurrency` searches on threads, so each `GpuIndex` owns its resources object and one
   `threading.Lock`, and every call into the GPU index goes through that lock. Nothing is shared
   between two GPU indexes, so two shards (or two index versions during a swap) run in parallel.
   `temp_memory_mb` caps the scratch pool when several indexes share a device.
-- The CPU index is kept next to the GPU copy. `ratray.retrieval.index.search_topk` re-scores the
+- The CPU index is kept next to the GPU copy. `ratray.index.search.search_topk` re-scores the
   k + margin candidates exactly from stored vectors: for a flat index `stored_vectors()` is a
   zero-copy view of the CPU index's storage, for compressed indexes `reconstruct_batch` decodes on
   the CPU (thread-safe, no GPU lock held). Only the candidate search runs on the GPU.
@@ -152,20 +153,10 @@ def gpu_index_or_none(index, device: int = 0, **kwargs) -> "GpuIndex | None":
         return None
 
 
-def _flat_storage(index) -> np.ndarray | None:
-    """Zero-copy (n, d) float32 view of a flat CPU index's vectors, else None."""
-    import faiss
-
-    flat = faiss.downcast_index(index)
-    if not isinstance(flat, faiss.IndexFlat) or flat.ntotal == 0:
-        return None
-    return faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(flat.ntotal, flat.d)
-
-
 class GpuIndex:
     """A FAISS index on one GPU behind its own lock, with the CPU original kept for decoding.
 
-    Quacks like the parts of `faiss.Index` that `ratray.retrieval.index.search_topk` uses:
+    Quacks like the parts of `faiss.Index` that `ratray.index.search.search_topk` uses:
     `ntotal`, `d`, `search(q, k)` (GPU, serialised) and `reconstruct_batch(keys)` (CPU). Pass
     `vectors=gidx.stored_vectors()` to `search_topk` for flat indexes."""
 
@@ -211,7 +202,9 @@ class GpuIndex:
 
     def stored_vectors(self) -> np.ndarray | None:
         """The CPU flat storage (zero-copy) for exact re-scoring, or None for compressed indexes."""
-        return _flat_storage(self.cpu)
+        from ratray.index.search import stored_vectors
+
+        return stored_vectors(self.cpu)
 
     def release(self) -> None:
         """Free the GPU copy now (the CPU index stays usable)."""

@@ -1,9 +1,10 @@
-"""The REALM pretraining driver: knowledge blocks, the first index, the refresh service, Ray Train.
+"""The REALM pretraining driver (what jobs/realm_pretrain.py calls): knowledge blocks, the first
+index, the refresh service, Ray Train.
 
     validate config (before any work)
-      └─ wordpiece chunk store (blocks of ≤ block_tokens) ─ doc tower from the pretrained encoder
+      └─ wordpiece chunk store (blocks of ≤ chunks.chunk_tokens) ─ doc tower from the pretrained encoder
          ─ RefreshService.initial: embed every block, build index v1 ─ shard actors (ShardedIndex)
-         ─ TorchTrainer(realm_loop.train_loop): DeepSpeed workers query the shards (prefetched one
+         ─ TorchTrainer(worker.train_loop): DeepSpeed workers query the shards (prefetched one
            batch ahead) and, every `refresh.every` steps, hand the doc tower's weights to the
            refresh service, which re-embeds and hot-swaps the index while training goes on
          ─ summary.json (+ MLflow)
@@ -20,8 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ratray.config import ConfigError, RealmJobConfig, ServiceConfig, to_dict
+from ratray.config import ConfigError, ServiceConfig, to_dict
 from ratray.data.chunks import ChunkStore
+from ratray.realm.config import RealmConfig, RealmJobConfig
+from ratray.workdir import Workdir
 
 # ---------------------------------------------------------------------------------------------
 # the doc-tower embedder handed to the refresh service (runs in its Ray tasks)
@@ -43,7 +46,7 @@ class DocTowerEmbedder:
     def __call__(self, weights: dict, tokens: np.ndarray) -> np.ndarray:
         import torch
 
-        from ratray.models.realm import RealmConfig, Tower
+        from ratray.realm.model import Tower
 
         device = "cuda" if torch.cuda.is_available() else "cpu"  # a task given a GPU share sees one
         if self._tower is None:
@@ -64,7 +67,7 @@ class DocTowerEmbedder:
 @dataclasses.dataclass
 class Prepared:
     store: ChunkStore
-    model: dict  # resolved RealmConfig fields
+    model: RealmConfig  # complete: vocabulary, special ids and block length from the chunk store
     weights: Path  # the pretrained encoder's model.safetensors
     run_dir: Path
     index_root: Path
@@ -73,26 +76,20 @@ class Prepared:
 def resolve(job: RealmJobConfig, progress: bool = True) -> Prepared:
     """Build (or reuse) the wordpiece chunk store and resolve the model; ConfigError on mismatch."""
     from ratray.data.chunks import build_chunk_store
-    from ratray.models.realm import RealmConfig
-    from ratray.retrieval.embed import model_path
+    from ratray.pretrained import PretrainedModelError, model_path
 
     try:
         weights = model_path(job.chunks.wordpiece_model) / "model.safetensors"
-    except Exception as e:  # noqa: BLE001 — a missing package/model is a config problem here
+    except PretrainedModelError as e:  # a missing package/model is a config problem here
         raise ConfigError(f"config 'chunks.wordpiece_model': {e}") from None
     if not weights.is_file():
         raise ConfigError(f"config 'chunks.wordpiece_model': no model.safetensors at {weights}")
-    store = build_chunk_store(job.corpus, job.chunks, Path(job.workdir) / "chunks", progress)
+    wd = Workdir(job.workdir)
+    store = build_chunk_store(job.corpus, job.chunks, wd.chunks, progress)
     tok = store.tokenizer
     if getattr(tok, "kind", "bpe") != "wordpiece":
         raise ConfigError(f"chunk store {store.path} is not a wordpiece store")
-    m = dict(job.model)
-    m.update(vocab_size=tok.vocab_size, pad_id=tok.pad_id, cls_id=tok.cls_id, sep_id=tok.sep_id,
-             mask_id=tok.mask_id, block_tokens=store.chunk_tokens)
-    try:
-        mcfg = RealmConfig(**m)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"config 'model': {e}") from None
+    mcfg = job.model_for(tok, store.chunk_tokens)
     n_train, n_val = len(store.split_ids("train")), len(store.split_ids("val"))
     if n_val == 0:
         raise ConfigError(f"chunk store {store.path} has no validation blocks (corpus.val_fraction)")
@@ -101,8 +98,8 @@ def resolve(job: RealmJobConfig, progress: bool = True) -> Prepared:
     if job.train.micro_batch * job.train.num_workers > n_train:
         raise ConfigError(f"config 'train.micro_batch': a step needs {job.train.micro_batch} x "
                           f"{job.train.num_workers} queries, the train split has {n_train} blocks")
-    run_dir = Path(job.workdir) / "runs" / job.train.run_name
-    return Prepared(store, dataclasses.asdict(mcfg), weights, run_dir, run_dir / "index")
+    name = job.train.run_name
+    return Prepared(store, mcfg, weights, wd.run(name), wd.run_index(name))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,14 +110,14 @@ def run(job: RealmJobConfig, progress: bool = True) -> dict:
     """Train (or resume) and return the summary written to `<run_dir>/summary.json`."""
     import ray
 
-    from ratray.models.realm import Realm, RealmConfig
-    from ratray.retrieval.refresh import launch_refresh_service, put_weights
-    from ratray.retrieval.service import ShardedIndex
-    from ratray.train.loop import make_trainer, write_summary
-    from ratray.train.realm_loop import train_loop
+    from ratray.index.refresh import launch_refresh_service, put_weights
+    from ratray.index.service import ShardedIndex
+    from ratray.realm.model import Realm
+    from ratray.realm.worker import train_loop
+    from ratray.train.trainer import make_trainer, write_summary
 
     t0 = time.perf_counter()
-    job = dataclasses.replace(job, workdir=str(Path(job.workdir).resolve()))  # workers share paths
+    job = dataclasses.replace(job, workdir=str(Workdir(job.workdir).root))  # workers share paths
     if not ray.is_initialized():
         ray.init(namespace=job.service.namespace, log_to_driver=True)
     prep = resolve(job, progress)
@@ -131,15 +128,16 @@ def run(job: RealmJobConfig, progress: bool = True) -> dict:
     # the first index version: the pretrained doc tower over every block (reused on resume)
     timings: dict[str, float] = {}
     ti = time.perf_counter()
-    embedder = DocTowerEmbedder(prep.model)
+    model = dataclasses.asdict(prep.model)
+    embedder = DocTowerEmbedder(model)
     refresh = launch_refresh_service(prep.index_root, prep.store, job.index, svc, job.refresh, embedder)
-    first = Realm.from_pretrained(RealmConfig(**prep.model), prep.weights).doc_state_dict()
+    first = Realm.from_pretrained(prep.model, prep.weights).doc_state_dict()
     initial = ray.get(refresh.initial.remote(put_weights(first), 0))
     del first
     index = ShardedIndex.launch(str(prep.index_root), svc)
     timings["initial_index_s"] = time.perf_counter() - ti
 
-    loop_config = {"job": to_dict(job), "model": prep.model, "store_path": str(prep.store.path),
+    loop_config = {"job": to_dict(job), "model": model, "store_path": str(prep.store.path),
                    "weights": str(prep.weights), "service_name": svc.name,
                    "namespace": svc.namespace, "run_dir": str(prep.run_dir)}
     trainer = make_trainer(train_loop, loop_config, t, job.workdir)
@@ -165,23 +163,4 @@ def run(job: RealmJobConfig, progress: bool = True) -> dict:
                     **{k: status[k] for k in ("serving_version", "serving_step", "requested",
                                               "completed", "failed", "coalesced", "last_error")},
                     "history": status["history"]},
-    }, tail={"chunk_store": str(prep.store.path), "model": prep.model})
-
-
-def format_summary(s: dict) -> str:
-    f = s["final"]
-    r = s["refresh"]
-    lines = [f"REALM run {s['run_name']}: {s['steps']} steps in {s['wall_time_s']} s",
-             f"  masked-token accuracy (val): with retrieval {_fmt(s['val_acc_retrieval'])}, "
-             f"null document only {_fmt(s['val_acc_null'])}",
-             f"  retrieval utility (val): {_fmt(s['val_retrieval_utility'])} nats per query",
-             f"  index: serving version {r['serving_version']} (weights of step {r['serving_step']}), "
-             f"{r['completed']} builds, {r['failed']} failed, {r['coalesced']} coalesced requests",
-             f"  final train loss {_fmt(f.get('loss'))}",
-             f"  summary: {s['run_dir']}/summary.json; MLflow: {s['mlflow']['tracking_uri']} "
-             f"(run {s['mlflow']['run_id']})"]
-    return "\n".join(lines)
-
-
-def _fmt(x) -> str:
-    return "n/a" if x is None else f"{x:.4f}"
+    }, tail={"chunk_store": str(prep.store.path), "model": model})

@@ -10,18 +10,18 @@
   back with its shard. `max_task_retries=-1` retries an interrupted search (searches are
   idempotent), so a caller just sees a slower answer.
 - With `service.num_gpus` > 0 each actor requests that share of a GPU and serves its shard from a
-  faiss-gpu copy behind one lock (FAISS GPU indexes take one call at a time; `retrieval/gpu.py`);
+  faiss-gpu copy behind one lock (FAISS GPU indexes take one call at a time; `gpu.py`);
   without a GPU (or an index type FAISS cannot move) it serves from the CPU and `info()` says why.
 - Actors reserve `num_cpus` < 1 (0 by default): Ray Train workers that each need a CPU must never
   be starved by index actors. FAISS releases the GIL, so a threaded actor runs concurrent searches
   in parallel; admin calls (`info`, `ping`) have their own concurrency group and never queue
   behind searches.
-- Every shard re-scores its candidates exactly (see `index.search_topk`), so the merged top-k does
+- Every shard re-scores its candidates exactly (see `search.search_topk`), so the merged top-k does
   not depend on batch composition and exact ties come out by chunk id.
 
 Versions and hot swaps (REALM's refreshed index). An index root is either a plain index folder
-(`manifest.json` + shards) or a versioned one: `versions/v000001/`, `versions/v000002/`, ... and a
-`CURRENT` file naming the serving one. `ShardedIndex.swap(new_dir)` is a two-phase commit:
+or a versioned one (`versions/vNNNNNN/` + `CURRENT`; the format is `store.py`'s).
+`ShardedIndex.swap(new_dir)` is a two-phase commit:
 
     prepare: every shard loads its new shard next to the serving one (searches go on meanwhile)
     CURRENT: rewritten atomically (a shard restarted from now on loads the new version)
@@ -46,8 +46,9 @@ import numpy as np
 import ray
 
 from ratray.config import ServiceConfig
-from ratray.retrieval.index import (configure_faiss, enable_reconstruct, load_manifest, load_shard,
-                                    merge_topk, search_topk)
+from ratray.index.factory import configure_faiss
+from ratray.index.search import enable_reconstruct, merge_topk, search_topk
+from ratray.index.store import load_manifest, load_shard, serving_dir, write_current
 
 
 class ShardVersionError(RuntimeError):
@@ -55,34 +56,6 @@ class ShardVersionError(RuntimeError):
 
 
 INLINE_QUERY_BYTES = 100_000  # Ray passes arguments below its 100 KiB inline limit by value
-CURRENT = "CURRENT"  # in a versioned index root: the folder (relative) of the serving version
-
-
-def version_dir(root: str | Path, version: int) -> Path:
-    return Path(root) / "versions" / f"v{int(version):06d}"
-
-
-def serving_dir(root: str | Path) -> Path:
-    """The folder holding the serving index of `root`: root/CURRENT's target, else root itself."""
-    root = Path(root)
-    cur = root / CURRENT
-    if cur.is_file():
-        target = root / cur.read_text().strip()
-        if not (target / "manifest.json").is_file():
-            raise FileNotFoundError(f"{cur} names {target}, which holds no index")
-        return target
-    return root
-
-
-def write_current(root: str | Path, target: str | Path) -> None:
-    """Point root/CURRENT at `target` (a folder inside root), atomically (write + rename)."""
-    root = Path(root)
-    rel = os.path.relpath(Path(target).resolve(), root.resolve())
-    if rel.startswith(".."):
-        raise ValueError(f"{target} is not inside the index root {root}")
-    tmp = root / f".{CURRENT}.{os.getpid()}.{threading.get_ident()}"
-    tmp.write_text(rel + "\n")
-    os.replace(tmp, root / CURRENT)
 
 
 def _check_queries(queries: np.ndarray, dim: int) -> np.ndarray:
@@ -142,7 +115,7 @@ class IndexShard:
         index, ids = load_shard(path, self.shard, manifest)
         loaded = _Loaded(int(manifest.version), path, manifest, index, ids, enable_reconstruct(index))
         if self.use_gpu:  # FAISS on this actor's GPU share; candidates re-scored from the CPU copy
-            from ratray.retrieval.gpu import gpu_count, gpu_index_or_none
+            from ratray.index.gpu import gpu_count, gpu_index_or_none
 
             n = gpu_count()
             gidx = gpu_index_or_none(index, device=self.shard % n) if n else None

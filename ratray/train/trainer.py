@@ -1,0 +1,51 @@
+"""The driver's side of training, shared by every method: the Ray Train `TorchTrainer` of a run and
+the run's `summary.json`."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ratray.workdir import SUMMARY, Workdir
+
+
+def make_trainer(train_fn, loop_config: dict, t, workdir: str):
+    """The Ray Train `TorchTrainer` of a run: `t.num_workers` workers, resumable by `t.run_name`
+    (same storage path + name = resume), `t.max_failures` retries, `t.keep_checkpoints` kept."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    return TorchTrainer(
+        train_fn,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                     resources_per_worker={"CPU": t.cpus_per_worker}),
+        run_config=RunConfig(name=t.run_name, storage_path=Workdir(workdir).ray_results(t.storage_path),
+                             failure_config=FailureConfig(max_failures=t.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints)),
+    )
+
+
+def write_summary(job, run_dir: Path, result, timings: dict, head: dict, tail: dict) -> dict:
+    """`run_dir/summary.json` of a finished run (driver side): the job's own `head` fields, what
+    every run reports (wall time, timings, checkpoint, MLflow record, run folder), then `tail`;
+    also attached to the run's MLflow record. Returns the summary."""
+    from mlflow import MlflowClient
+
+    from ratray.tracking import tracking_uri
+
+    run_id = (result.metrics or {}).get("mlflow_run_id")
+    summary = {
+        **head,
+        "wall_time_s": round(timings["total_s"], 1),
+        "timings": {k: round(v, 2) for k, v in timings.items()},
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "mlflow": {"tracking_uri": tracking_uri(job.workdir), "experiment": job.experiment,
+                   "run_id": run_id},
+        "run_dir": str(run_dir.resolve()),
+        **tail,
+    }
+    path = run_dir / SUMMARY
+    path.write_text(json.dumps(summary, indent=2, default=str))
+    if run_id:
+        MlflowClient(tracking_uri(job.workdir)).log_artifact(run_id, str(path))
+    return summary
