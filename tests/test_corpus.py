@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import json
+import operator
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -35,45 +37,113 @@ def stdlib_files(n: int, min_bytes: int = 2000) -> list[Path]:
 # the default corpus
 
 
-def test_default_corpus_is_stdlib_source_without_tests():
+@pytest.fixture(scope="module")
+def default_corpus():
+    """(documents, skips, doc ids) of the default corpus, read once."""
     docs, skips = read(CorpusConfig())
+    return docs, skips, [d.doc_id for d in docs]
+
+
+def test_default_corpus_has_hundreds_of_documents(default_corpus):
+    docs, _, _ = default_corpus
     assert len(docs) > 300
-    ids = [d.doc_id for d in docs]
+
+
+def test_default_corpus_ids_are_sorted(default_corpus):
+    _, _, ids = default_corpus
     assert ids == sorted(ids)
+
+
+def test_default_corpus_is_python_source(default_corpus):
+    _, _, ids = default_corpus
+    for doc_id in ids:
+        assert doc_id.endswith(".py")
+
+
+def test_default_corpus_skips_test_and_installed_package_folders(default_corpus):
+    _, _, ids = default_corpus
     for doc_id in ids:
         parts = doc_id.split("/")
-        assert doc_id.endswith(".py")
         assert not {"test", "tests", "idle_test", "site-packages", "__pycache__"} & set(parts[:-1]), doc_id
-        assert not parts[-1].startswith("test_"), doc_id
+
+
+def test_default_corpus_skips_test_modules(default_corpus):
+    _, _, ids = default_corpus
+    for doc_id in ids:
+        assert not doc_id.split("/")[-1].startswith("test_"), doc_id
+
+
+@pytest.mark.parametrize("doc_id, title", [("json/decoder.py", "json.decoder"), ("json/__init__.py", "json")])
+def test_default_corpus_titles_are_module_names(default_corpus, doc_id, title):
+    docs, _, _ = default_corpus
+    assert {d.doc_id: d for d in docs}[doc_id].title == title
+
+
+def test_default_corpus_source_is_the_file(default_corpus):
+    docs, _, _ = default_corpus
     by_id = {d.doc_id: d for d in docs}
-    assert by_id["json/decoder.py"].title == "json.decoder"
-    assert by_id["json/__init__.py"].title == "json"
     assert by_id["json/decoder.py"].source == str(default_corpus_path() / "json" / "decoder.py")
+
+
+def test_default_corpus_is_read_whole(default_corpus):
+    docs, skips, _ = default_corpus
     assert skips.capped is None and skips.documents == len(docs)
+
+
+def test_default_corpus_is_deterministic(default_corpus):
+    _, _, ids = default_corpus
     assert [d.doc_id for d in read(CorpusConfig())[0]] == ids  # deterministic
 
 
-def test_fingerprint_tracks_content(tmp_path):
+@pytest.fixture(scope="module")
+def fingerprints(tmp_path_factory):
+    """The fingerprint of three files: twice, after editing one (same sizes), after adding a file."""
+    tmp = tmp_path_factory.mktemp("fp")
     for p in stdlib_files(3):
-        shutil.copy(p, tmp_path / p.name)
-    cfg = CorpusConfig(path=str(tmp_path))
-    fp = corpus_fingerprint(cfg)
-    assert fp == corpus_fingerprint(cfg)
-    victim = sorted(tmp_path.iterdir())[0]
+        shutil.copy(p, tmp / p.name)
+    cfg = CorpusConfig(path=str(tmp))
+    fp, again = corpus_fingerprint(cfg), corpus_fingerprint(cfg)
+    victim = sorted(tmp.iterdir())[0]
     victim.write_text(victim.read_text().replace("a", "b", 1))  # same files and sizes, one edited
-    fp2 = corpus_fingerprint(cfg)
-    assert fp2 != fp
-    (tmp_path / "new.txt").write_text("another document\n")
-    assert corpus_fingerprint(cfg) not in (fp, fp2)
+    edited = corpus_fingerprint(cfg)
+    (tmp / "new.txt").write_text("another document\n")
+    return SimpleNamespace(fp=fp, again=again, edited=edited, added=corpus_fingerprint(cfg))
 
 
-def test_is_validation_deterministic_by_document():
-    ids = [f"doc-{i}" for i in range(4000)]
-    a = [is_validation(i, 0.1, seed=0) for i in ids]
-    assert a == [is_validation(i, 0.1, seed=0) for i in ids]
-    assert 300 < sum(a) < 500
-    assert a != [is_validation(i, 0.1, seed=1) for i in ids]
-    assert not any(is_validation(i, 0.0, seed=0) for i in ids)
+def test_fingerprint_is_stable(fingerprints):
+    assert fingerprints.fp == fingerprints.again
+
+
+def test_fingerprint_changes_when_a_file_is_edited(fingerprints):
+    assert fingerprints.edited != fingerprints.fp
+
+
+def test_fingerprint_changes_when_a_file_is_added(fingerprints):
+    assert fingerprints.added not in (fingerprints.fp, fingerprints.edited)
+
+
+VAL_IDS = [f"doc-{i}" for i in range(4000)]
+
+
+@pytest.fixture(scope="module")
+def val_flags():
+    return [is_validation(i, 0.1, seed=0) for i in VAL_IDS]
+
+
+def test_is_validation_is_deterministic_by_document(val_flags):
+    assert val_flags == [is_validation(i, 0.1, seed=0) for i in VAL_IDS]
+
+
+def test_is_validation_picks_about_the_fraction(val_flags):
+    assert 300 < sum(val_flags) < 500
+
+
+def test_is_validation_depends_on_the_seed(val_flags):
+    assert val_flags != [is_validation(i, 0.1, seed=1) for i in VAL_IDS]
+
+
+def test_zero_val_fraction_picks_nothing():
+    assert not any(is_validation(i, 0.0, seed=0) for i in VAL_IDS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,16 +217,17 @@ def test_duplicate_ids_across_files(tmp_path):
         read(CorpusConfig(path=str(tmp_path)))
 
 
-def test_parquet_null_id_and_bad_types(tmp_path):
+@pytest.mark.parametrize("write, expect", [
+    (lambda f: pq.write_table(pa.table({"id": ["a", None], "text": ["x", "y"]}), f),
+     r"n\.parquet, row 1: column 'id' \(the document id\) is null"),
+    (lambda f: pq.write_table(pa.table({"id": ["a"], "text": [3]}), f),
+     r"n\.parquet: column 'text' must be a string column, got int64"),
+    (lambda f: f.write_bytes(b"not parquet at all"), r"n\.parquet: not a readable Parquet file"),
+], ids=["null-id", "int-text", "not-parquet"])
+def test_parquet_null_id_and_bad_types(tmp_path, write, expect):
     f = tmp_path / "n.parquet"
-    pq.write_table(pa.table({"id": ["a", None], "text": ["x", "y"]}), f)
-    with pytest.raises(CorpusError, match=r"n\.parquet, row 1: column 'id' \(the document id\) is null"):
-        read(CorpusConfig(path=str(f)))
-    pq.write_table(pa.table({"id": ["a"], "text": [3]}), f)
-    with pytest.raises(CorpusError, match=r"n\.parquet: column 'text' must be a string column, got int64"):
-        read(CorpusConfig(path=str(f)))
-    f.write_bytes(b"not parquet at all")
-    with pytest.raises(CorpusError, match=r"n\.parquet: not a readable Parquet file"):
+    write(f)
+    with pytest.raises(CorpusError, match=expect):
         read(CorpusConfig(path=str(f)))
 
 
@@ -164,31 +235,75 @@ def test_parquet_null_id_and_bad_types(tmp_path):
 # counted skips, with their locations
 
 
-def test_non_utf8_binary_empty_are_counted(tmp_path):
+@pytest.fixture(scope="module")
+def mixed_folder(tmp_path_factory):
+    """(the one good file, documents, skips) of a folder with a good file and four kinds of skip."""
+    tmp = tmp_path_factory.mktemp("mixed")
     good = stdlib_files(1)[0]
-    shutil.copy(good, tmp_path / "good.py")
-    (tmp_path / "latin1.txt").write_bytes("caf\u00e9 cr\u00e8me".encode("latin-1"))
-    (tmp_path / "blob.bin").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)))
-    (tmp_path / "blank.txt").write_text(" \n\n\t")
-    (tmp_path / ".hidden").write_text("dotfiles are not documents")
-    docs, skips = read(CorpusConfig(path=str(tmp_path)))
+    shutil.copy(good, tmp / "good.py")
+    (tmp / "latin1.txt").write_bytes("caf\u00e9 cr\u00e8me".encode("latin-1"))
+    (tmp / "blob.bin").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)))
+    (tmp / "blank.txt").write_text(" \n\n\t")
+    (tmp / ".hidden").write_text("dotfiles are not documents")
+    return (good, *read(CorpusConfig(path=str(tmp))))
+
+
+def test_only_the_readable_document_is_kept(mixed_folder):
+    good, docs, _ = mixed_folder
     assert [d.doc_id for d in docs] == ["good.py"] and docs[0].text == good.read_text()
+
+
+def test_plain_file_title_is_its_stem(mixed_folder):
+    _, docs, _ = mixed_folder
     assert docs[0].title == "good"
+
+
+def test_non_utf8_binary_empty_hidden_are_counted(mixed_folder):
+    _, _, skips = mixed_folder
     assert skips.counts == {"non_utf8": 1, "binary": 1, "empty": 1, "hidden": 1}
-    assert "latin1.txt (byte offset 3)" in skips.examples["non_utf8"][0]
-    assert skips.examples["binary"][0].endswith("blob.bin")
-    assert skips.examples["empty"][0].endswith("blank.txt")
+
+
+@pytest.mark.parametrize("kind, check, where", [
+    ("non_utf8", operator.contains, "latin1.txt (byte offset 3)"),
+    ("binary", str.endswith, "blob.bin"),
+    ("empty", str.endswith, "blank.txt"),
+])
+def test_skipped_files_are_located(mixed_folder, kind, check, where):
+    _, _, skips = mixed_folder
+    assert check(skips.examples[kind][0], where), skips.examples[kind]
+
+
+def test_skip_total_and_dict(mixed_folder):
+    _, _, skips = mixed_folder
     assert skips.total == 4 and skips.as_dict()["counts"]["binary"] == 1
 
 
-def test_jsonl_empty_null_and_non_utf8_rows(tmp_path):
-    f = tmp_path / "rows.jsonl"
+@pytest.fixture(scope="module")
+def jsonl_rows(tmp_path_factory):
+    """(file, documents, skips) of a JSONL file with kept, blank, null, non-UTF-8 and empty lines."""
+    f = tmp_path_factory.mktemp("rows") / "rows.jsonl"
     f.write_bytes(b'{"id": "a", "text": "kept"}\n{"id": "b", "text": "   "}\n{"id": "c", "text": null}\n'
                   b'{"id": "d", "text": "\xff\xfe"}\n\n{"id": "e", "text": "also kept"}\n')
-    docs, skips = read(CorpusConfig(path=str(f)))
+    return (f, *read(CorpusConfig(path=str(f))))
+
+
+def test_jsonl_keeps_rows_with_text(jsonl_rows):
+    _, docs, _ = jsonl_rows
     assert [d.doc_id for d in docs] == ["a", "e"]
+
+
+def test_jsonl_source_is_file_and_line(jsonl_rows):
+    f, docs, _ = jsonl_rows
     assert docs[1].source == f"{f}:6"
+
+
+def test_jsonl_empty_null_and_non_utf8_rows_are_counted(jsonl_rows):
+    _, _, skips = jsonl_rows
     assert skips.counts == {"empty": 2, "non_utf8": 1}
+
+
+def test_jsonl_skipped_rows_are_located(jsonl_rows):
+    f, _, skips = jsonl_rows
     assert skips.examples["empty"] == [f"{f}:2", f"{f}:3"]
     assert skips.examples["non_utf8"][0].startswith(f"{f}:4")
 
@@ -204,15 +319,32 @@ def test_huge_single_document_is_skipped(tmp_path):
     assert "huge.txt (500 bytes > max_doc_bytes 100)" in ex and "rows.jsonl:1 (120 bytes" in ex
 
 
-def test_parquet_null_text_and_rows_across_batches(tmp_path):
-    n = 2600  # more than one record batch
-    texts = [f"document number {i}" for i in range(n)]
+N_ROWS = 2600  # more than one record batch
+
+
+@pytest.fixture(scope="module")
+def many_rows(tmp_path_factory):
+    """(file, documents, skips) of a Parquet file of N_ROWS rows in row groups of 700, one text null."""
+    texts = [f"document number {i}" for i in range(N_ROWS)]
     texts[2500] = None
-    f = tmp_path / "many.parquet"
-    pq.write_table(pa.table({"id": list(range(n)), "text": texts}), f, row_group_size=700)
-    docs, skips = read(CorpusConfig(path=str(f)))
+    f = tmp_path_factory.mktemp("many") / "many.parquet"
+    pq.write_table(pa.table({"id": list(range(N_ROWS)), "text": texts}), f, row_group_size=700)
+    return (f, *read(CorpusConfig(path=str(f))))
+
+
+def test_parquet_rows_across_batches(many_rows):
+    f, docs, _ = many_rows
+    n = N_ROWS
     assert len(docs) == n - 1 and docs[-1].doc_id == str(n - 1) and docs[-1].source == f"{f}:{n - 1}"
+
+
+def test_parquet_null_text_is_an_empty_skip(many_rows):
+    f, _, skips = many_rows
     assert skips.counts == {"empty": 1} and skips.examples["empty"] == [f"{f}:2500"]
+
+
+def test_parquet_without_title_column_has_no_titles(many_rows):
+    _, docs, _ = many_rows
     assert all(d.title is None for d in docs)
 
 
@@ -247,38 +379,60 @@ def test_train_split_without_chunks_is_an_error(tmp_path):
 # configuration: fields, formats, caps
 
 
-def test_configurable_fields_jsonl_and_parquet(tmp_path):
-    write_jsonl(tmp_path / "a.jsonl", [{"key": 1, "body": "first body", "name": "First"},
-                                       {"key": "two", "body": "second body"}])
+@pytest.fixture(scope="module")
+def field_folder(tmp_path_factory):
+    """A JSONL and a Parquet file with the fields key/body/name, and a plain text file."""
+    tmp = tmp_path_factory.mktemp("fields")
+    write_jsonl(tmp / "a.jsonl", [{"key": 1, "body": "first body", "name": "First"},
+                                  {"key": "two", "body": "second body"}])
     pq.write_table(pa.table({"key": [3, 4], "body": ["third", "fourth"], "name": ["Third", None]}),
-                   tmp_path / "b.parquet")
-    (tmp_path / "notes.md").write_text("# plain text sits next to them\n")
-    cfg = CorpusConfig(path=str(tmp_path), id_field="key", text_field="body", title_field="name")
+                   tmp / "b.parquet")
+    (tmp / "notes.md").write_text("# plain text sits next to them\n")
+    return tmp
+
+
+def test_configurable_fields_jsonl_and_parquet(field_folder):
+    cfg = CorpusConfig(path=str(field_folder), id_field="key", text_field="body", title_field="name")
     docs, _ = read(cfg)
     assert [(d.doc_id, d.text, d.title) for d in docs] == [
         ("1", "first body", "First"), ("two", "second body", None),
         ("3", "third", "Third"), ("4", "fourth", None),
         ("notes.md", "# plain text sits next to them\n", "notes")]
+
+
+def test_missing_field_error_names_the_config_key(field_folder):
     with pytest.raises(CorpusError, match=r"a\.jsonl, line 1: missing field 'id' \(config corpus\.id_field\)"):
-        read(CorpusConfig(path=str(tmp_path), text_field="body"))
+        read(CorpusConfig(path=str(field_folder), text_field="body"))
 
 
-def test_forced_format(tmp_path):
+@pytest.mark.parametrize("fmt, doc_id", [
+    ({}, "docs.data"),  # auto: plain text
+    ({"format": "jsonl"}, "a"),
+], ids=["auto", "jsonl"])
+def test_forced_format(tmp_path, fmt, doc_id):
     f = tmp_path / "docs.data"
     write_jsonl(f, [{"id": "a", "text": "x"}])
-    assert read(CorpusConfig(path=str(f)))[0][0].doc_id == "docs.data"  # auto: plain text
-    assert read(CorpusConfig(path=str(f), format="jsonl"))[0][0].doc_id == "a"
+    assert read(CorpusConfig(path=str(f), **fmt))[0][0].doc_id == doc_id
 
 
-def test_caps(tmp_path):
+def test_max_docs_cap():
     docs, skips = read(CorpusConfig(max_docs=5))
     assert len(docs) == 5 and skips.capped == "max_docs"
+
+
+def test_max_bytes_cap():
     docs, skips = read(CorpusConfig(max_bytes=50_000))
     assert sum(len(d.text.encode()) for d in docs) == skips.bytes <= 50_000
     assert skips.capped == "max_bytes" and len(docs) >= 1
+
+
+def test_cap_reached_with_nothing_left_is_not_capped(tmp_path):
     write_jsonl(tmp_path / "two.jsonl", [{"id": 1, "text": "a"}, {"id": 2, "text": "b"}])
     docs, skips = read(CorpusConfig(path=str(tmp_path), max_docs=2))
     assert len(docs) == 2 and skips.capped is None  # nothing was left unread
+
+
+def test_cap_that_leaves_no_document_is_an_error(tmp_path):
     (tmp_path / "big.txt").write_text("more than ten bytes of text\n")
     with pytest.raises(CorpusError, match="empty corpus.*stopped by cap max_bytes"):
         read(CorpusConfig(path=str(tmp_path / "big.txt"), max_bytes=10))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 import pytest
 from mlflow import MlflowClient
@@ -17,6 +18,14 @@ def _no_env_uri(monkeypatch):
 
 
 @pytest.fixture(scope="module")
+def no_env_uri():
+    """_no_env_uri for module-scoped fixtures (they are set up before any function-scoped one)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        yield
+
+
+@pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """One sqlite store for the module: creating a store runs MLflow's migrations (~5-8 s)."""
     return tmp_path_factory.mktemp("mlflow")
@@ -26,65 +35,148 @@ def _history(client, run_id, key):
     return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
 
 
-def test_tracking_uri_default_and_env(tmp_path, monkeypatch):
+def test_tracking_uri_default(tmp_path):
     assert tracking_uri(tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+
+
+def test_tracking_uri_from_env(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////elsewhere/x.db")
     assert tracking_uri(tmp_path) == "sqlite:////elsewhere/x.db"
+
+
+def test_mlflow_telemetry_is_disabled():
     assert os.environ.get("MLFLOW_DISABLE_TELEMETRY") is not None
 
 
-def test_params_metrics_read_back_and_resume(store, tmp_path):
-    params = {"model": {"d_model": 64, "layers": 2, "cca": [1, 2]}, "lr": 3e-4, "name": "x",
-              "long": "y" * (MAX_PARAM_VAL_LENGTH + 500)}
-    t = Tracker.start(store, "exp", "run-a", params=params, tags={"kind": "retro"})
-    assert (store / "mlflow.db").exists()
+# ---------------------------------------------------------------------------------------------
+# one run, then resumed, then fresh runs of the same name (each stage read back once, in order)
+
+PARAMS = {"model": {"d_model": 64, "layers": 2, "cca": [1, 2]}, "lr": 3e-4, "name": "x",
+          "long": "y" * (MAX_PARAM_VAL_LENGTH + 500)}
+
+
+@pytest.fixture(scope="module")
+def run_a(store, tmp_path_factory, no_env_uri):
+    """Run "run-a": params, metrics (two steps; a None and a NaN), a dict and a file artifact; ended."""
+    t = Tracker.start(store, "exp", "run-a", params=PARAMS, tags={"kind": "retro"})
+    db_after_start = (store / "mlflow.db").exists()
     t.log_metrics({"train/loss": 2.5, "val_bpb": 1.9, "skip_none": None, "skip_nan": float("nan")}, step=0)
     t.log_metrics({"train/loss": 2.0}, step=10)
     t.log_dict({"a": 1}, "summary.json")
-    f = tmp_path / "note.txt"
+    f = tmp_path_factory.mktemp("note") / "note.txt"
     f.write_text("hello")
     t.log_artifact(f)
-    run_id = t.run_id
     t.end()
-
     client = MlflowClient(tracking_uri=t.uri)
-    run = client.get_run(run_id)
-    p = run.data.params
-    assert p["model.d_model"] == "64" and p["model.layers"] == "2" and p["model.cca"] == "[1, 2]"
-    assert p["lr"] == "0.0003" and p["name"] == "x"
-    assert len(p["long"]) == MAX_PARAM_VAL_LENGTH and p["long"].endswith("...")
-    assert run.data.tags["kind"] == "retro" and run.data.tags[tracking.RUN_NAME_TAG] == "run-a"
-    assert run.info.status == "FINISHED"
-    assert _history(client, run_id, "train/loss") == [(0, 2.5), (10, 2.0)]
-    assert "skip_none" not in run.data.metrics and "skip_nan" not in run.data.metrics
-    arts = {a.path for a in client.list_artifacts(run_id)}
-    assert {"summary.json", "note.txt"} <= arts
-    # artifacts live under the workdir, not the cwd
-    assert (store / "mlartifacts").is_dir()
+    return SimpleNamespace(tracker=t, run_id=t.run_id, client=client, db_after_start=db_after_start,
+                           run=client.get_run(t.run_id), loss=_history(client, t.run_id, "train/loss"),
+                           artifacts={a.path for a in client.list_artifacts(t.run_id)})
 
-    # resume: same run id, metrics append, identical params re-log fine, a changed one → tag
-    params2 = dict(params, lr=1e-4)
-    t2 = Tracker.start(store, "exp", "run-a", params=params2)
-    assert t2.run_id == run_id and t2.resumed
-    assert client.get_run(run_id).info.status == "RUNNING"
+
+@pytest.fixture(scope="module")
+def resumed(store, run_a, no_env_uri):
+    """run-a resumed with lr changed: one more metric step and a new param; ended FAILED."""
+    t2 = Tracker.start(store, "exp", "run-a", params=dict(PARAMS, lr=1e-4))
+    status_while_running = run_a.client.get_run(run_a.run_id).info.status
     t2.log_metrics({"train/loss": 1.5}, step=20)
     t2.log_params({"new_key": 1})
     t2.end("FAILED")
-    run = client.get_run(run_id)
-    assert _history(client, run_id, "train/loss") == [(0, 2.5), (10, 2.0), (20, 1.5)]
-    assert run.data.params["lr"] == "0.0003" and run.data.tags["resume.lr"] == "0.0001"
-    assert run.data.params["new_key"] == "1"
-    assert run.info.status == "FAILED"
+    return SimpleNamespace(tracker=t2, status_while_running=status_while_running,
+                           run=run_a.client.get_run(run_a.run_id),
+                           loss=_history(run_a.client, run_a.run_id, "train/loss"))
 
-    # resume=False starts a fresh run; another name starts a fresh run
-    t3 = Tracker.start(store, "exp", "run-a", resume=False)
-    t4 = Tracker.start(store, "exp", "run-b")
-    assert len({run_id, t3.run_id, t4.run_id}) == 3
-    assert t3.experiment_id == t2.experiment_id
 
-    cmd = t.ui_command()
+@pytest.fixture(scope="module")
+def fresh(store, resumed, no_env_uri):
+    """After the resume: run-a with resume=False, and run-b."""
+    return Tracker.start(store, "exp", "run-a", resume=False), Tracker.start(store, "exp", "run-b")
+
+
+def test_start_creates_the_sqlite_store(run_a):
+    assert run_a.db_after_start
+
+
+def test_nested_params_are_flattened(run_a):
+    p = run_a.run.data.params
+    assert p["model.d_model"] == "64" and p["model.layers"] == "2" and p["model.cca"] == "[1, 2]"
+
+
+def test_scalar_params_read_back(run_a):
+    p = run_a.run.data.params
+    assert p["lr"] == "0.0003" and p["name"] == "x"
+
+
+def test_long_param_values_are_truncated(run_a):
+    p = run_a.run.data.params
+    assert len(p["long"]) == MAX_PARAM_VAL_LENGTH and p["long"].endswith("...")
+
+
+def test_tags_and_run_name_tag(run_a):
+    tags = run_a.run.data.tags
+    assert tags["kind"] == "retro" and tags[tracking.RUN_NAME_TAG] == "run-a"
+
+
+def test_ended_run_is_finished(run_a):
+    assert run_a.run.info.status == "FINISHED"
+
+
+def test_metric_history_reads_back(run_a):
+    assert run_a.loss == [(0, 2.5), (10, 2.0)]
+
+
+def test_none_and_nan_metrics_are_skipped(run_a):
+    metrics = run_a.run.data.metrics
+    assert "skip_none" not in metrics and "skip_nan" not in metrics
+
+
+def test_dict_and_file_artifacts_are_logged(run_a):
+    assert {"summary.json", "note.txt"} <= run_a.artifacts
+
+
+def test_artifacts_live_under_the_workdir(store, run_a):
+    assert (store / "mlartifacts").is_dir()  # artifacts live under the workdir, not the cwd
+
+
+def test_ui_command(store, run_a):
+    cmd = run_a.tracker.ui_command()
     assert "mlflow" in cmd and " ui " in cmd and f"sqlite:///{store.resolve()}/mlflow.db" in cmd
     assert "--host 127.0.0.1 --port 5000" in cmd
+
+
+def test_resume_continues_the_run(run_a, resumed):
+    assert resumed.tracker.run_id == run_a.run_id and resumed.tracker.resumed
+
+
+def test_resumed_run_is_running_again(resumed):
+    assert resumed.status_while_running == "RUNNING"
+
+
+def test_end_records_the_given_status(resumed):
+    assert resumed.run.info.status == "FAILED"
+
+
+def test_resumed_metrics_append(resumed):
+    assert resumed.loss == [(0, 2.5), (10, 2.0), (20, 1.5)]
+
+
+def test_changed_param_on_resume_is_kept_and_tagged(resumed):
+    assert resumed.run.data.params["lr"] == "0.0003" and resumed.run.data.tags["resume.lr"] == "0.0001"
+
+
+def test_new_params_are_logged_on_resume(resumed):
+    assert resumed.run.data.params["new_key"] == "1"
+
+
+def test_resume_false_and_another_name_start_fresh_runs(run_a, fresh):
+    t3, t4 = fresh
+    assert len({run_a.run_id, t3.run_id, t4.run_id}) == 3
+
+
+def test_fresh_run_is_in_the_same_experiment(resumed, fresh):
+    assert fresh[0].experiment_id == resumed.tracker.experiment_id
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def test_env_uri_honoured(store, tmp_path, monkeypatch):
@@ -99,7 +191,7 @@ def test_env_uri_honoured(store, tmp_path, monkeypatch):
     assert run.data.params["a"] == "1" and run.data.metrics["m"] == 1.0
 
 
-def test_null_tracker_and_make_tracker(store, tmp_path):
+def test_other_ranks_get_a_null_tracker_that_writes_nothing(tmp_path):
     nt = make_tracker(1, tmp_path, "exp", "r", params={"a": {"b": 1}})
     assert isinstance(nt, NullTracker) and nt.run_id is None
     nt.log_metrics({"x": 1.0}, step=0)
@@ -109,6 +201,9 @@ def test_null_tracker_and_make_tracker(store, tmp_path):
     nt.log_artifact(tmp_path / "missing")
     nt.end("FAILED")
     assert list(tmp_path.iterdir()) == []  # no db, no artifacts
+
+
+def test_rank_zero_gets_a_tracker(store):
     t = make_tracker(0, store, "exp-null", "r")
     assert isinstance(t, Tracker) and t.run_id
     t.end()
