@@ -16,10 +16,10 @@ from ratray.eval.report import format_summary, load_summary  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = job_parser(__doc__, config=False)
+    p = job_parser(__doc__)
     p.add_argument("--workdir", default="work")
     p.add_argument("--run-name", default="retro-demo")
-    a = parse_job_args(p, argv)
+    a = parse_job_args(p, argv, config=False)
     return run_job(lambda: format_summary(load_summary(a.workdir, a.run_name)))
 
 

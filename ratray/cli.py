@@ -24,18 +24,19 @@ def job_env() -> None:
 job_env()
 
 
-def job_parser(doc: str | None, config: bool = True) -> argparse.ArgumentParser:
-    """A job's parser: its docstring as help; `--config FILE` and repeated `--set KEY=VALUE`."""
+def job_parser(doc: str | None) -> argparse.ArgumentParser:
+    """A job's parser, its docstring as the help text; the job adds its own flags."""
+    return argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def parse_job_args(p: argparse.ArgumentParser, argv: list[str] | None,
+                   config: bool = True) -> argparse.Namespace:
+    """Add the flags every configured job shares (`--config FILE`, repeated `--set KEY=VALUE`),
+    parse, and start logging."""
     from ratray.config import add_config_args
 
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     if config:
         add_config_args(p)
-    return p
-
-
-def parse_job_args(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """Parse the job's flags and start logging."""
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     return a
