@@ -39,6 +39,8 @@ def parse_job_args(p: argparse.ArgumentParser, argv: list[str] | None,
         add_config_args(p)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    # the faiss loader reports each CPU-specific build it tries and cannot load: noise to a reader
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     return a
 
 

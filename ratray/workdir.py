@@ -51,6 +51,10 @@ class Workdir:
     def run_summary(self, name: str) -> Path:
         return self.run(name) / SUMMARY
 
+    def run_eval(self, name: str) -> Path:
+        """A run's evaluation: report.json, report.md, plots, per-chunk and per-document scores."""
+        return self.run(name) / "eval"
+
     def run_index(self, name: str) -> Path:
         """A run's own (versioned) index: REALM's refreshed index lives with its run."""
         return self.run(name) / "index"

@@ -20,16 +20,23 @@ def job(wd, *extra):
     return load_config(RetroJobConfig, None, TINY + [f"workdir={wd}", *extra])
 
 
-@pytest.mark.slow
-def test_two_workers_train_checkpoint_resume_and_log_to_mlflow(small_workdir):
+@pytest.fixture(scope="module")
+def trained(small_workdir):
+    """One run trained for 6 steps, then resumed by name to 9 (2 workers, ZeRO-2, checkpoints
+    every 3 steps); its first summary, the metrics at its step-6 checkpoint, its final summary."""
     wd, _, _ = small_workdir
     first = run(job(wd, "train.steps=6", "train.checkpoint_every=3", "train.run_name=t-resume"), progress=False)
-    assert first["steps"] == 6 and first["checkpoint"]
     hist = json.loads((wd / "runs" / "t-resume" / "final_metrics.json").read_text())
-    assert first["val_bpb_retro_on"] > 0 and first["val_bpb_retro_off"] > 0
-
     # the same run name resumes from step 6 and continues to 9 (data position and schedule intact)
     second = run(job(wd, "train.steps=9", "train.checkpoint_every=3", "train.run_name=t-resume"), progress=False)
+    return wd, first, hist, second
+
+
+@pytest.mark.slow
+def test_two_workers_train_checkpoint_resume_and_log_to_mlflow(trained):
+    wd, first, hist, second = trained
+    assert first["steps"] == 6 and first["checkpoint"]
+    assert first["val_bpb_retro_on"] > 0 and first["val_bpb_retro_off"] > 0
     assert second["steps"] == 9
 
     c = MlflowClient(tracking_uri(wd))
@@ -48,6 +55,40 @@ def test_two_workers_train_checkpoint_resume_and_log_to_mlflow(small_workdir):
     assert hist["step"] == 6
     artifacts = {a.path for a in c.list_artifacts(r.info.run_id)}
     assert {"summary.json", "loss.png", "config.json", "final_metrics.json"} <= artifacts
+
+
+@pytest.mark.slow
+def test_evaluation_scores_the_checkpoint_on_the_bytes_training_scored(trained, capsys):
+    """jobs/evaluate.py on the trained run: RETRO[ON] and [OFF] equal what the run's own final
+    evaluation printed (same checkpoint, same bytes), with intervals, bpb(α), the size curve and
+    the report attached to the run's MLflow record."""
+    from jobs.evaluate import main as evaluate_main
+
+    wd, _, _, second = trained
+    assert evaluate_main(["--workdir", str(wd), "--run-name", "t-resume", "--resamples", "300",
+                          "--fractions", "0.5,1.0", "--sequences", "8", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "RETRO[ON] − t-resume RETRO[OFF]" in out and "95% CI" in out
+    report = json.loads((wd / "runs" / "t-resume" / "eval" / "report.json").read_text())
+    on, off = report["rows"]
+    assert (on["retrieval"], off["retrieval"]) == ("on", "off")
+    assert report["eval"]["sequences"] == 8  # the 8 the run's own evaluation scored (TINY)
+    assert on["bpb"] == pytest.approx(second["val_bpb_retro_on"], rel=1e-4)
+    assert off["bpb"] == pytest.approx(second["val_bpb_retro_off"], rel=1e-4)
+    for r in (on, off):
+        assert r["ci95"][0] <= r["bpb"] <= r["ci95"][1] and r["non_embedding_params"] > 0
+        assert [p["alpha"] for p in r["by_overlap"]] == [0.125, 0.25, 0.5, 0.75, 1.0]
+        assert r["by_overlap"][-1]["chunks"] == report["eval"]["chunks"]
+    (diff,) = report["differences"]
+    assert (diff["a"], diff["b"]) == (on["model"], off["model"])
+    assert diff["ci95"][0] <= diff["delta_bpb"] <= diff["ci95"][1]
+    sizes = report["database_size"]
+    assert [p["fraction"] for p in sizes] == [0.5, 1.0] and sizes[0]["chunks"] < sizes[1]["chunks"]
+    files = {p.name for p in (wd / "runs" / "t-resume" / "eval").iterdir()}
+    assert {"report.json", "report.md", "bpb_vs_params.png", "bpb_by_overlap.png", "bpb_vs_database.png",
+            "per_chunk.parquet", "per_document.parquet"} <= files
+    c = MlflowClient(tracking_uri(wd))
+    assert {a.path for a in c.list_artifacts(second["mlflow"]["run_id"], "eval")} >= {"eval/report.json"}
 
 
 def test_bad_configuration_fails_before_any_work(small_workdir, tmp_path):

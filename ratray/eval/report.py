@@ -57,3 +57,38 @@ def format_realm(s: dict) -> str:
 
 def _fmt(x) -> str:
     return "n/a" if x is None else f"{x:.4f}"
+
+
+def format_evaluation(r: dict, markdown: bool = True) -> str:
+    """An evaluation report (ratray/retro/evaluate.py) as Markdown tables a person reads; every
+    figure with its 95% interval, every difference with its verdict."""
+    e, b = r["eval"], r["bootstrap"]
+    ci = lambda c: f"[{c[0]:.4f}, {c[1]:.4f}]"  # noqa: E731
+    lines = [f"# Evaluation of run {r['run']}", "",
+             f"{e['sequences']} validation sequences: {e['chunks']} chunks of {e['documents']} "
+             f"documents, {e['bytes']:,} bytes. 95% intervals: bootstrap over {b['unit']}s "
+             f"({b['resamples']} resamples), paired for differences.", "",
+             "| model | retrieval | non-embedding params | bits per byte | 95% CI |", "|---|---|---|---|---|"]
+    lines += [f"| {x['model']} | {x['retrieval']} | {x['non_embedding_params']:,} | {x['bpb']:.4f} | "
+              f"{ci(x['ci95'])} |" for x in r["rows"]]
+    if r["differences"]:
+        lines += ["", "## Differences", ""] + [f"- {d['verdict']}" for d in r["differences"]]
+    alphas = [p["alpha"] for p in r["rows"][0]["by_overlap"]]
+    lines += ["", "## bpb(α): chunks whose longest common run with their neighbours is ≤ α of the chunk",
+              "", f"Share of evaluated chunks with r(C) ≥ 0.5: {e['share_r_ge_0.5']:.1%}.", "",
+              "| model | " + " | ".join(f"α ≤ {a:g}" for a in alphas) + " |",
+              "|---|" + "---|" * len(alphas)]
+    for x in r["rows"]:
+        cells = [f"{p['bpb']:.4f} {ci(p['ci95'])} ({p['chunks']})" if p["chunks"] else "– (0)"
+                 for p in x["by_overlap"]]
+        lines.append(f"| {x['model']} | " + " | ".join(cells) + " |")
+    if r["database_size"]:
+        lines += ["", "## Database size (the same checkpoint, no retraining; exact search)", "",
+                  "| training documents in the database | chunks | RETRO[ON] bpb | 95% CI |",
+                  "|---|---|---|---|"]
+        lines += [f"| {p['documents']} ({p['documents_share']:.0%}) | {p['chunks']:,} | {p['bpb']:.4f} | "
+                  f"{ci(p['ci95'])} |" for p in r["database_size"]]
+    lines += ["", f"Command: `python jobs/evaluate.py --workdir WORKDIR --run-name {r['run']}"
+              + "".join(f" --baseline {x}" for x in r["baselines"]) + "`"]
+    text = "\n".join(lines) + "\n"
+    return text if markdown else text.replace("`", "")

@@ -10,6 +10,7 @@ chunk-id order. Knows nothing of files or Ray.
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import faiss
@@ -18,6 +19,13 @@ import numpy as np
 from ratray.index.factory import faiss_message, faiss_metric
 
 TIE_MARGIN = 8  # extra FAISS candidates per query, re-scored exactly to settle ties
+
+
+@dataclass
+class SearchResult:
+    distances: np.ndarray  # (b, k) float32: l2 ascending / ip descending
+    ids: np.ndarray  # (b, k) int64 chunk ids, -1 only if the index holds fewer than k
+    version: int  # the index version that answered (every shard agreed)
 
 
 def merge_topk(distances: list[np.ndarray], ids: list[np.ndarray], k: int, metric: str
@@ -268,3 +276,35 @@ def search_shards(shards: list[tuple[faiss.Index, np.ndarray]], queries: np.ndar
              for index, ids in shards]
     return merge_topk([p[0] for p in parts], [p[1] for p in parts], k, metric)
 
+
+class ExactIndex:
+    """Exact search over (vectors, chunk ids) in this process, with the shard actors' client
+    interface (`ntotal`, `search`, `search_async`): evaluation against a database that is a
+    subset of the index (the database-size curve) without building or serving anything."""
+
+    def __init__(self, vectors: np.ndarray, ids: np.ndarray, metric: str = "l2", version: int = 0):
+        self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        self.ids, self.metric, self.version = np.asarray(ids, np.int64), metric, version
+        self.index = faiss.IndexFlat(self.vectors.shape[1], faiss_metric(metric))
+        self.index.add(self.vectors)
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    def search(self, queries: np.ndarray, k: int) -> SearchResult:
+        D, I = search_topk(self.index, self.ids, queries, k, self.metric, vectors=self.vectors)
+        return SearchResult(D, I, self.version)
+
+    def search_async(self, queries: np.ndarray, k: int) -> "_Done":
+        return _Done(self.search(queries, k))
+
+
+class _Done:
+    """A search that has already finished (the future interface of `ExactIndex.search_async`)."""
+
+    def __init__(self, result: SearchResult):
+        self._result = result
+
+    def result(self, timeout: float | None = None) -> SearchResult:
+        return self._result

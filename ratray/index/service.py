@@ -47,7 +47,7 @@ import ray
 
 from ratray.config import ServiceConfig
 from ratray.index.factory import configure_faiss
-from ratray.index.search import enable_reconstruct, merge_topk, search_topk
+from ratray.index.search import SearchResult, enable_reconstruct, merge_topk, search_topk
 from ratray.index.store import load_manifest, load_shard, serving_dir, write_current
 
 
@@ -237,13 +237,6 @@ def actor_name(name: str, i: int) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # results
-
-
-@dataclass
-class SearchResult:
-    distances: np.ndarray  # (b, k) float32: l2 ascending / ip descending
-    ids: np.ndarray  # (b, k) int64 chunk ids, -1 only if the index holds fewer than k
-    version: int  # the index version that answered (every shard agreed)
 
 
 class SearchFuture:

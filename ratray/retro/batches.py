@@ -40,10 +40,10 @@ class RetroBatches:
         tgt[:, :-1] = idx[:, 1:]
         return idx, tgt
 
-    def target_bytes(self, targets: np.ndarray) -> int:
-        """Exact UTF-8 bytes the non-pad targets stand for (the bits-per-byte denominator)."""
-        t = targets[targets != self.pad]
-        return int(self.byte_len[t].sum())
+    def target_bytes(self, targets: np.ndarray) -> np.ndarray:
+        """(b, n) exact UTF-8 bytes each target stands for, 0 for pad (the bits-per-byte
+        denominator; a token may hold part of a character, so never decoded text)."""
+        return np.where(targets != self.pad, self.byte_len[targets], 0)
 
     def neighbours(self, nbr_ids: np.ndarray) -> np.ndarray:
         """Neighbour ids (b, l, k) → tokens (b, l, k, 2m) int64 ([N, F], pad-filled)."""

@@ -135,12 +135,40 @@ def _table_path(store: ChunkStore, index_manifest, split: str, seq_chunks: int, 
     return store.path / "neighbours" / f"{split}-l{seq_chunks}-k{k}-{h}.parquet"
 
 
+def search_layout(store: ChunkStore, index, layout: np.ndarray, k: int, vectors: ChunkVectors,
+                  batch: int = 1024, progress: bool = True, in_flight: int = 2,
+                  desc: str = "neighbours") -> tuple[np.ndarray, np.ndarray]:
+    """The k admissible neighbours of every chunk slot of `layout` (s, l) → ids (s, l, k), -1 for
+    empty slots, and distances. `index`: the shard actors' client, or any object with `ntotal`,
+    `search` and `search_async` (e.g. `ratray.index.search.ExactIndex`); a few searches in flight."""
+    from tqdm.auto import tqdm
+
+    docs = DocCodes(store)
+    flat = layout.reshape(-1)
+    excl = excluded_docs(layout, docs)
+    ids = np.full((len(flat), k), -1, np.int64)
+    dist = np.full((len(flat), k), np.inf, np.float32)
+    live = np.flatnonzero(flat >= 0)
+    K = first_request(index.ntotal, k, layout.shape[1])
+    starts = list(range(0, len(live), batch))
+    pending: list = []  # (rows, queries, future)
+    with tqdm(total=len(live), desc=desc, unit="chunk", disable=not progress) as bar:
+        for s in starts + [None] * in_flight:
+            if s is not None:
+                rows = live[s: s + batch]
+                q = vectors[flat[rows]]
+                pending.append((rows, q, index.search_async(q, K)))
+            if len(pending) > in_flight or (s is None and pending):
+                rows, q, fut = pending.pop(0)
+                ids[rows], dist[rows] = search_filtered(index, q, excl[rows], docs, k, first=fut.result())
+                bar.update(len(rows))
+    return ids.reshape(*layout.shape, k), dist.reshape(*layout.shape, k)
+
+
 def precompute_neighbours(store: ChunkStore, index, split: str, seq_chunks: int, k: int,
                           vectors: ChunkVectors, batch: int = 1024, progress: bool = True,
                           in_flight: int = 2) -> NeighbourTable:
     """Search every chunk of `split` once through the shard actors; store and reuse the result."""
-    from tqdm.auto import tqdm
-
     from ratray.index.store import load_manifest
 
     manifest = load_manifest(index.index_dir)
@@ -152,25 +180,10 @@ def precompute_neighbours(store: ChunkStore, index, split: str, seq_chunks: int,
         dist = np.stack(t.column("distances").to_numpy(zero_copy_only=False)).astype(np.float32)
         return NeighbourTable(layout, ids.reshape(*layout.shape, k), dist.reshape(*layout.shape, k),
                               path, reused=True)
-    docs = DocCodes(store)
+    ids, dist = search_layout(store, index, layout, k, vectors, batch, progress, in_flight,
+                              desc=f"neighbours[{split}]")
     flat = layout.reshape(-1)
-    excl = excluded_docs(layout, docs)
-    ids = np.full((len(flat), k), -1, np.int64)
-    dist = np.full((len(flat), k), np.inf, np.float32)
-    live = np.flatnonzero(flat >= 0)
-    K = first_request(index.ntotal, k, seq_chunks)
-    starts = list(range(0, len(live), batch))
-    pending: list = []  # (rows, queries, future): a few searches in flight at once
-    with tqdm(total=len(live), desc=f"neighbours[{split}]", unit="chunk", disable=not progress) as bar:
-        for i, s in enumerate(starts + [None] * in_flight):
-            if s is not None:
-                rows = live[s: s + batch]
-                q = vectors[flat[rows]]
-                pending.append((rows, q, index.search_async(q, K)))
-            if len(pending) > in_flight or (s is None and pending):
-                rows, q, fut = pending.pop(0)
-                ids[rows], dist[rows] = search_filtered(index, q, excl[rows], docs, k, first=fut.result())
-                bar.update(len(rows))
+    ids, dist = ids.reshape(len(flat), k), dist.reshape(len(flat), k)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     pq.write_table(pa.table({"chunk_id": flat, "neighbours": list(ids), "distances": list(dist)}), tmp)

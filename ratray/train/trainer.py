@@ -2,6 +2,8 @@
 the run's `summary.json`."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -49,3 +51,18 @@ def write_summary(job, run_dir: Path, result, timings: dict, head: dict, tail: d
     if run_id:
         MlflowClient(tracking_uri(job.workdir)).log_artifact(run_id, str(path))
     return summary
+
+
+def load_weights(checkpoint: str | Path) -> dict:
+    """The model's fp32 state dict from a run's Ray Train checkpoint folder (any ZeRO stage: the
+    shards every rank saved are consolidated), on the CPU."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from ratray.train.worker import CKPT_TAG
+
+    path = Path(checkpoint)
+    if not (path / CKPT_TAG).is_dir():
+        raise FileNotFoundError(f"{path} is not a ratray checkpoint (no {CKPT_TAG}/ folder)")
+    quiet = io.StringIO()  # DeepSpeed prints every step of the merge, and a progress bar
+    with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+        return get_fp32_state_dict_from_zero_checkpoint(str(path), tag=CKPT_TAG)

@@ -1,0 +1,260 @@
+"""Evaluate a trained RETRO run (what jobs/evaluate.py calls): held-out bits-per-byte with retrieval
+on and off and of baseline runs on the same bytes, RETRO's leakage analysis bpb(α), a database-size
+curve without retraining, 95% intervals by bootstrap over documents, and the report.
+
+    the run's config + checkpoint ─ Retro on this process's CPU
+    the validation sequences the run trained against ─ neighbours: the run's own table (index as
+        trained), or exact search of a share of the training documents (the size curve)
+    ─ nats and bytes per chunk slot (eval/lm) ─ per chunk, per document ─ bootstrap (eval/stats)
+    ─ <run>/eval/: report.json, report.md, plots, per_chunk.parquet, per_document.parquet
+      (also attached to the run's MLflow record)
+
+A baseline run is compared only when it scored the very same validation bytes (same chunk store,
+same sequence length); anything else is refused, naming what differs.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ratray.config import ConfigError, from_dict
+from ratray.eval.overlap import by_overlap, overlap_ratios
+from ratray.eval.stats import N_BOOT, bpb_interval, delta_interval, per_document, verdict
+from ratray.retro.config import RetroConfig, RetroJobConfig
+from ratray.workdir import Workdir
+
+FRACTIONS = (0.1, 0.3, 1.0)  # shares of the training documents for the database-size curve
+
+
+@dataclass
+class Loaded:
+    name: str
+    job: RetroJobConfig
+    cfg: RetroConfig
+    model: object  # ratray.retro.model.Retro, eval mode, CPU
+    summary: dict
+    run_dir: Path
+
+    @property
+    def non_embedding_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters()) - self.model.wte.weight.numel()
+
+
+def load_run(wd: Workdir, name: str) -> Loaded:
+    """A finished run's config and weights (from its last checkpoint)."""
+    from ratray.eval.report import load_summary
+    from ratray.retro.model import Retro
+    from ratray.train.trainer import load_weights
+
+    summary = load_summary(str(wd.root), name)
+    if summary.get("model_type") not in ("retro", "baseline"):
+        raise ConfigError(f"run '{name}' is a {summary.get('model_type')} run, not RETRO or baseline")
+    saved = json.loads((wd.run(name) / "config.json").read_text())
+    job = from_dict(RetroJobConfig, saved["job"])
+    cfg = RetroConfig(**saved["model"])
+    if not summary.get("checkpoint"):
+        raise FileNotFoundError(f"run '{name}' has no checkpoint to evaluate")
+    model = Retro(cfg)
+    model.load_state_dict(load_weights(summary["checkpoint"]))
+    return Loaded(name, job, cfg, model.eval(), summary, wd.run(name))
+
+
+# ---------------------------------------------------------------------------------------------
+# scoring
+
+
+@dataclass
+class Scored:
+    """One (model, retrieval) row: nats and bytes per validation chunk slot (s l)."""
+    model: str
+    retrieval: str  # on | off | none (a baseline)
+    non_embedding_params: int
+    nats: np.ndarray
+    bytes: np.ndarray
+
+
+def score(run: Loaded, batches, nbr_ids: np.ndarray | None, rows: np.ndarray, label: str,
+          retrieval: str) -> Scored:
+    from ratray.eval.lm import slot_sums
+
+    nats, nbytes, _ = slot_sums(run.model, batches, nbr_ids, rows, micro_batch=8, device="cpu")
+    return Scored(label, retrieval, run.non_embedding_params, nats, nbytes)
+
+
+def database_subset(store, fraction: float, seed: int) -> tuple[np.ndarray, int, int]:
+    """Training chunk ids of a seeded `fraction` of the training documents (whole documents),
+    the number of documents kept and of all training documents."""
+    train = store.split_ids("train")
+    docs = np.unique(store.doc_ids(train).astype(str))
+    rng = np.random.default_rng(seed)
+    keep = set(rng.permutation(docs)[: max(1, int(round(fraction * len(docs))))])
+    return train[np.isin(store.doc_ids(train).astype(str), list(keep))], len(keep), len(docs)
+
+
+# ---------------------------------------------------------------------------------------------
+# the evaluation
+
+
+def evaluate(workdir: str, run_name: str, baselines: tuple[str, ...] = (),
+             fractions: tuple[float, ...] = FRACTIONS, sequences: int = 0, seed: int = 0,
+             n_boot: int = N_BOOT, progress: bool = True, log_mlflow: bool = True) -> dict:
+    """Score `run_name` (RETRO[ON], RETRO[OFF]; a baseline run: its one row) and `baselines` on the
+    run's validation sequences (`sequences` 0 = all); write and return the report."""
+    from ratray.index.filtered import DocCodes
+    from ratray.index.search import ExactIndex
+    from ratray.retro.batches import RetroBatches
+    from ratray.retro.driver import resolve
+    from ratray.retro.neighbours import (ChunkVectors, ensure_chunk_vectors, neighbour_tokens,
+                                         search_layout, sequence_layout)
+
+    t0 = time.perf_counter()
+    wd = Workdir(workdir)
+    run = load_run(wd, run_name)
+    prep = resolve(run.job)  # the index and chunk store the run trained with
+    store, l = prep.store, run.cfg.seq_len // run.cfg.chunk_tokens
+    layout = sequence_layout(store, "val", l)
+    rows = np.arange(len(layout) if sequences == 0 else min(sequences, len(layout)))
+    batches = RetroBatches(store, layout, run.cfg.k)
+    retro = run.cfg.model == "retro"
+
+    # rows: the run itself, then every baseline (same bytes or refused)
+    scored: list[Scored] = []
+    on_ids = None
+    if retro:
+        table = run.run_dir / "val_neighbours.npy"
+        if not table.is_file():
+            raise FileNotFoundError(f"run '{run_name}' has no validation neighbours at {table}")
+        on_ids = np.load(table)
+        scored.append(score(run, batches, on_ids, rows, f"{run_name} RETRO[ON]", "on"))
+        scored.append(score(run, batches, None, rows, f"{run_name} RETRO[OFF]", "off"))
+    else:
+        scored.append(score(run, batches, None, rows, run_name, "none"))
+    for name in baselines:
+        other = load_run(wd, name)
+        if resolve(other.job).store.key != store.key or other.cfg.seq_len != run.cfg.seq_len:
+            raise ConfigError(f"baseline '{name}' was trained on another chunk store or sequence "
+                              f"length than '{run_name}': not the same validation bytes")
+        scored.append(score(other, batches, None, rows,
+                            name if other.cfg.model == "baseline" else f"{name} RETRO[OFF]",
+                            "none" if other.cfg.model == "baseline" else "off"))
+
+    # chunks, documents, overlap r(C) with the neighbours read when predicting each chunk
+    chunk_ids = layout[rows]  # (s l)
+    live = chunk_ids >= 0
+    docs = DocCodes(store)
+    doc_code = docs.of(chunk_ids)
+    codes = np.unique(doc_code[live])
+    doc_of = np.searchsorted(codes, doc_code[live])  # dense 0..D-1 over evaluated documents
+    r = np.zeros(chunk_ids.shape)
+    if on_ids is not None:
+        toks = batches.tokens(rows).reshape(-1, run.cfg.chunk_tokens)  # (s*l m)
+        prev = np.full(on_ids[rows].shape, -1, np.int64)
+        prev[:, 1:] = on_ids[rows][:, :-1]  # chunk u is predicted through Ret(chunk u-1)
+        nb = neighbour_tokens(store, prev)  # (s l k 2m)
+        n_tok = np.where(live, store.n_tokens(np.maximum(chunk_ids, 0)), 0).reshape(-1)
+        pad = store.tokenizer.pad_id
+        r = overlap_ratios(toks, n_tok, pad, nb.reshape(-1, *nb.shape[2:]), pad).reshape(chunk_ids.shape)
+    D = len(codes)
+    doc_bytes = per_document(doc_of, scored[0].bytes[live], D)
+
+    def row(s: Scored) -> dict:
+        bpb, ci = bpb_interval(per_document(doc_of, s.nats[live], D), doc_bytes, n_boot, seed)
+        out = {"model": s.model, "non_embedding_params": int(s.non_embedding_params),
+               "retrieval": s.retrieval, "bpb": bpb, "ci95": list(ci), "by_overlap": []}
+        for alpha, sel in by_overlap(r[live]):
+            dn = per_document(doc_of[sel], s.nats[live][sel], D)
+            db = per_document(doc_of[sel], s.bytes[live][sel], D)
+            b, c = bpb_interval(dn, db, n_boot, seed)
+            out["by_overlap"].append({"alpha": alpha, "chunks": int(sel.sum()), "bpb": b, "ci95": list(c)})
+        return out
+
+    report_rows = [row(s) for s in scored]
+    differences = []
+    first = scored[0]
+    for other in scored[1:]:
+        delta, ci = delta_interval(per_document(doc_of, first.nats[live], D),
+                                   per_document(doc_of, other.nats[live], D), doc_bytes, n_boot, seed)
+        differences.append({"a": first.model, "b": other.model, "delta_bpb": delta, "ci95": list(ci),
+                            "verdict": verdict(first.model, other.model, delta, ci)})
+
+    # the database-size curve: the same checkpoint, the database cut to a share of the documents
+    size_curve = []
+    if retro and fractions:
+        vectors = ChunkVectors(ensure_chunk_vectors(store, run.job.embed, wd.embeddings, wd.vectors,
+                                                    progress))
+        for f in sorted(fractions):
+            ids, n_docs, all_docs = database_subset(store, f, seed)
+            index = ExactIndex(vectors[ids], ids, metric=run.job.index.metric)
+            nbr, _ = search_layout(store, index, layout, run.cfg.k, vectors, progress=progress,
+                                   desc=f"neighbours[{f:.0%} of the database]")
+            s = score(run, batches, nbr, rows, f"RETRO[ON] {f:.0%}", "on")
+            bpb, ci = bpb_interval(per_document(doc_of, s.nats[live], D), doc_bytes, n_boot, seed)
+            size_curve.append({"fraction": f, "documents": n_docs, "documents_share": n_docs / all_docs,
+                               "chunks": int(len(ids)), "bpb": bpb, "ci95": list(ci)})
+
+    report = {
+        "run": run_name, "baselines": list(baselines), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "rows": report_rows, "differences": differences, "database_size": size_curve,
+        "eval": {"sequences": int(len(rows)), "chunks": int(live.sum()), "documents": int(D),
+                 "bytes": int(doc_bytes.sum()), "share_r_ge_0.5": float((r[live] >= 0.5).mean())
+                 if live.any() else 0.0},
+        "bootstrap": {"unit": "document", "resamples": n_boot, "level": 0.95, "seed": seed},
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    out = write_report(wd, run, report, scored, chunk_ids, live, r, store)
+    if log_mlflow:
+        attach_to_mlflow(run, out)
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# output
+
+
+def write_report(wd: Workdir, run: Loaded, report: dict, scored: list[Scored], chunk_ids: np.ndarray,
+                 live: np.ndarray, r: np.ndarray, store) -> list[Path]:
+    """report.json, report.md, the plots, per_chunk.parquet and per_document.parquet."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ratray.eval import plots
+    from ratray.eval.report import format_evaluation
+
+    out = wd.run_eval(run.name)
+    out.mkdir(parents=True, exist_ok=True)
+    files = [out / "report.json", out / "report.md"]
+    files[0].write_text(json.dumps(report, indent=2))
+    files[1].write_text(format_evaluation(report, markdown=True))
+    files.append(plots.bpb_vs_params(report["rows"], out / "bpb_vs_params.png",
+                                     f"{run.name}: validation bits-per-byte"))
+    files.append(plots.bpb_by_overlap(report["rows"], out / "bpb_by_overlap.png",
+                                      f"{run.name}: bpb(α), chunks with r(C) ≤ α"))
+    if report["database_size"]:
+        files.append(plots.bpb_vs_database(report["database_size"], out / "bpb_vs_database.png",
+                                           f"{run.name}: database size, no retraining"))
+    ids = chunk_ids[live]
+    cols = {"chunk_id": ids, "doc_id": store.doc_ids(ids).astype(str),
+            "slot": np.nonzero(live)[1].astype(np.int32), "overlap_r": r[live]}
+    for s in scored:
+        cols[f"nats[{s.model}]"] = s.nats[live]
+    cols["bytes"] = scored[0].bytes[live]
+    table = pa.table(cols)
+    pq.write_table(table, out / "per_chunk.parquet")
+    by_doc = table.group_by("doc_id").aggregate([(c, "sum") for c in cols if c.startswith(("nats", "bytes"))])
+    pq.write_table(by_doc, out / "per_document.parquet")
+    return files + [out / "per_chunk.parquet", out / "per_document.parquet"]
+
+
+def attach_to_mlflow(run: Loaded, files: list[Path]) -> None:
+    """The report's files as artifacts of the run's MLflow record (under eval/)."""
+    from mlflow import MlflowClient
+
+    ml = run.summary.get("mlflow") or {}
+    if ml.get("run_id"):
+        client = MlflowClient(ml["tracking_uri"])
+        for f in files:
+            client.log_artifact(ml["run_id"], str(f), "eval")
