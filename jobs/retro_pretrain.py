@@ -24,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-name", default=None, help="Ray Train run name (same name = resume)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (train.steps)")
     p.add_argument("--retrieval", choices=["precomputed", "online"], default=None)
+    p.add_argument("--init-from", default=None, metavar="RUN",
+                   help="RETROfit: load this baseline run's decoder, freeze it, train encoder + CCA")
     p.add_argument("--build-index", action="store_true", help="build the index first if needed")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     a = parse_job_args(p, argv)
@@ -31,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     def work() -> str:
         job = load_job(RetroJobConfig, a, {
             "corpus.path": a.corpus, "workdir": a.workdir, "model_type": a.model_type,
-            "train.run_name": a.run_name, "train.steps": a.steps, "train.retrieval": a.retrieval})
+            "train.run_name": a.run_name, "train.steps": a.steps, "train.retrieval": a.retrieval,
+            "init_from": a.init_from})
         from ratray.eval.report import format_summary
         from ratray.retro import driver
 

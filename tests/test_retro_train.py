@@ -3,6 +3,7 @@ right step, and whose MLflow run reads back."""
 import json
 
 import pytest
+import torch
 from mlflow import MlflowClient
 
 from ratray.config import ConfigError, load_config
@@ -89,6 +90,50 @@ def test_evaluation_scores_the_checkpoint_on_the_bytes_training_scored(trained, 
             "per_chunk.parquet", "per_document.parquet"} <= files
     c = MlflowClient(tracking_uri(wd))
     assert {a.path for a in c.list_artifacts(second["mlflow"]["run_id"], "eval")} >= {"eval/report.json"}
+
+
+@pytest.fixture(scope="module")
+def retrofitted(small_workdir):
+    """A baseline trained for 4 steps, then RETROfitted for 3 (its decoder frozen)."""
+    wd, _, _ = small_workdir
+    base = run(job(wd, "model_type=baseline", "train.steps=4", "train.run_name=t-base"), progress=False)
+    fit = run(job(wd, "train.steps=3", "train.run_name=t-fit", "init_from=t-base"), progress=False)
+    return wd, base, fit
+
+
+@pytest.mark.slow
+def test_retrofit_trains_only_the_retrieval_path_of_a_frozen_baseline(retrofitted):
+    from jobs.evaluate import main as evaluate_main
+    from ratray.train.trainer import load_weights
+
+    wd, base, fit = retrofitted
+    assert fit["retrofit"]["run"] == "t-base" and fit["retrofit"]["tokens_share"] == pytest.approx(3 / 4)
+    before, after = load_weights(base["checkpoint"]), load_weights(fit["checkpoint"])
+    assert set(before) < set(after)  # the encoder and the CCA layers were added
+    assert all(torch.equal(before[n], after[n]) for n in before)  # the decoder did not move
+    assert any(not torch.equal(after[n], torch.zeros_like(after[n])) for n in after if ".cca.attn.proj" in n)
+    # RETRO[OFF] of the RETROfitted model is the baseline itself: same bytes, same bits
+    assert evaluate_main(["--workdir", str(wd), "--run-name", "t-fit", "--baseline", "t-base",
+                          "--resamples", "200", "--fractions", "", "--quiet"]) == 0
+    rows = {r["model"]: r for r in json.loads((wd / "runs" / "t-fit" / "eval" / "report.json").read_text())["rows"]}
+    assert rows["t-fit RETRO[OFF]"]["bpb"] == pytest.approx(rows["t-base"]["bpb"], rel=1e-6)
+    from ratray.eval.report import format_summary
+
+    assert "RETROfitted from baseline run t-base (decoder frozen)" in format_summary(fit)
+
+
+def test_retrofit_refuses_what_cannot_be_retrofitted(retrofitted):
+    wd, _, _ = retrofitted
+    with pytest.raises(ConfigError, match="zero_init_cca"):
+        job(wd, "init_from=x", "model.zero_init_cca=false")
+    with pytest.raises(ConfigError, match="model_type=retro"):
+        job(wd, "init_from=x", "model_type=baseline")
+    with pytest.raises(ConfigError, match="no finished run 'nobody'"):
+        resolve(job(wd, "init_from=nobody"))
+    with pytest.raises(ConfigError, match="another decoder: model.d_model 64 != 32"):
+        resolve(job(wd, "init_from=t-base", "model.d_model=32"))
+    with pytest.raises(ConfigError, match="RETROfit starts from a baseline"):
+        resolve(job(wd, "init_from=t-fit", "train.run_name=t-fit2"))
 
 
 def test_bad_configuration_fails_before_any_work(small_workdir, tmp_path):

@@ -31,6 +31,11 @@ def format_retro(s: dict) -> str:
                      f"(retrieval {'helps' if on < off else 'does not help yet'}: {off - on:+.4f})")
     else:
         lines.append(f"validation bits-per-byte  {off:.4f}")
+    fit = s.get("retrofit")
+    if fit:
+        share = f" = {fit['tokens_share']:.1%} of the baseline's" if fit.get("tokens_share") else ""
+        lines.append(f"RETROfitted from baseline run {fit['run']} (decoder frozen): "
+                     f"{fit['tokens']:,} training tokens{share}")
     ml = s["mlflow"]
     lines += [f"checkpoint: {s['checkpoint']}",
               f"MLflow: {ml['tracking_uri']}  experiment '{ml['experiment']}'  run {ml['run_id']}",

@@ -104,6 +104,9 @@ class RetroJobConfig(BuildConfig):
     model: RetroConfig = field(default_factory=RetroConfig)  # vocabulary, pad id, m: chunk store
     train: TrainConfig = section(TrainConfig, run_name="retro-demo")  # RETRO's default run name
     experiment: str = "ratray-retro"  # MLflow experiment
+    # RETROfit (RETRO §4.2): a finished baseline run of this workdir whose decoder is loaded and
+    # frozen; only the encoder and the CCA layers train (they start at zero: step 0 = the baseline)
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         check(self.model_type in ("retro", "baseline"), "model_type", "must be retro|baseline")
@@ -113,4 +116,9 @@ class RetroJobConfig(BuildConfig):
                                   + (": set chunks.chunk_tokens instead" if name == "chunk_tokens" else ""))
         check(self.model.model in ("retro", self.model_type), "model.model",
               "set model_type (or --model) instead")
+        if self.init_from is not None:
+            check(self.model_type == "retro", "init_from", "RETROfits a baseline into RETRO: model_type=retro")
+            check(self.model.zero_init_cca, "init_from",
+                  "needs model.zero_init_cca=true (the CCA starts at zero: step 0 equals the baseline)")
+            check(self.init_from != self.train.run_name, "init_from", "must name another run")
         self.model = replace(self.model, model=self.model_type)

@@ -12,6 +12,7 @@ same RunConfig(storage_path, name)).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from pathlib import Path
@@ -37,6 +38,7 @@ class Prepared:
     index_dir: Path
     ntotal: int
     run_dir: Path
+    init: dict | None = None  # RETROfit: the baseline run's name, checkpoint and training tokens
 
 
 def resolve(job: RetroJobConfig) -> Prepared:
@@ -63,7 +65,31 @@ def resolve(job: RetroJobConfig) -> Prepared:
                           f"({2 * store.chunk_tokens}): a neighbour and its continuation")
     if len(store.split_ids("val")) == 0:
         raise ConfigError(f"chunk store {spath} has no validation chunks (corpus.val_fraction)")
-    return Prepared(store, mcfg, wd.index, manifest.ntotal, wd.run(job.train.run_name))
+    init = retrofit_source(wd, job, mcfg, store) if job.init_from else None
+    return Prepared(store, mcfg, wd.index, manifest.ntotal, wd.run(job.train.run_name), init)
+
+
+DECODER_FIELDS = ("vocab_size", "pad_id", "chunk_tokens", "n_layer", "n_head", "d_model", "bias")
+
+
+def retrofit_source(wd: Workdir, job: RetroJobConfig, mcfg: RetroConfig, store: ChunkStore) -> dict:
+    """The baseline run `job.init_from` RETROfits: finished, a baseline, the same decoder shape
+    and chunk store; ConfigError naming what differs."""
+    name, key = job.init_from, "config 'init_from'"
+    summary_path = wd.run_summary(name)
+    if not summary_path.is_file():
+        raise ConfigError(f"{key}: no finished run '{name}' in {wd.runs} (no {summary_path.name})")
+    summary = json.loads(summary_path.read_text())
+    base = RetroConfig(**json.loads((wd.run(name) / "config.json").read_text())["model"])
+    if base.model != "baseline":
+        raise ConfigError(f"{key}: run '{name}' is a {base.model} run; RETROfit starts from a baseline")
+    differ = [f for f in DECODER_FIELDS if getattr(base, f) != getattr(mcfg, f)]
+    if differ:
+        raise ConfigError(f"{key}: run '{name}' has another decoder: "
+                          + ", ".join(f"model.{f} {getattr(base, f)} != {getattr(mcfg, f)}" for f in differ))
+    if not summary.get("checkpoint"):
+        raise ConfigError(f"{key}: run '{name}' has no checkpoint")
+    return {"run": name, "checkpoint": summary["checkpoint"], "tokens": summary.get("tokens")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,7 +139,7 @@ def run(job: RetroJobConfig, progress: bool = True) -> dict:
 
     loop_config = {"job": to_dict(job), "model": mcfg.to_dict(), "store_path": str(store.path),
                    "service_name": svc.name, "namespace": svc.namespace, "run_dir": str(prep.run_dir),
-                   **paths}
+                   "init_checkpoint": prep.init["checkpoint"] if prep.init else None, **paths}
     trainer = make_trainer(train_loop, loop_config, t, job.workdir)
     tf = time.perf_counter()
     try:
@@ -124,12 +150,18 @@ def run(job: RetroJobConfig, progress: bool = True) -> dict:
     timings["fit_s"] = time.perf_counter() - tf
     timings["total_s"] = time.perf_counter() - t0
     metrics = dict(result.metrics or {})
+    tokens = (metrics.get("step") or 0) * t.micro_batch * t.grad_accum * t.num_workers * mcfg.seq_len
+    retrofit = None
+    if prep.init:  # what RETROfitting cost, next to what the baseline cost
+        retrofit = {**prep.init, "baseline_tokens": prep.init["tokens"], "tokens": tokens,
+                    "tokens_share": tokens / prep.init["tokens"] if prep.init.get("tokens") else None}
     return write_summary(job, prep.run_dir, result, timings, head={
         "run_name": t.run_name,
         "model_type": mcfg.model,
         "retrieval": t.retrieval if retro else "none",
         "steps": metrics.get("step"),
-        "tokens": (metrics.get("step") or 0) * t.micro_batch * t.grad_accum * t.num_workers * mcfg.seq_len,
+        "tokens": tokens,
+        "retrofit": retrofit,
         "final": metrics,
         "val_bpb_retro_on": metrics.get("val_bpb_retro_on"),
         "val_bpb_retro_off": metrics.get("val_bpb_retro_off", metrics.get("val_bpb")),

@@ -77,13 +77,25 @@ class RetroWorker(TrainWorker):
         return len(self.train)
 
     def build_model(self):
+        """The model; RETROfitting (`init_checkpoint`): the baseline's decoder, frozen."""
         from ratray.retro.model import Retro
 
         model = Retro(self.mcfg)
+        if self.config.get("init_checkpoint"):
+            from ratray.retro.retrofit import freeze_decoder, load_decoder
+            from ratray.train.trainer import load_weights
+
+            load_decoder(model, load_weights(self.config["init_checkpoint"]))
+            self.trainable, self.frozen = freeze_decoder(model)
         return model, model.param_groups(self.t.weight_decay)
 
     def tags(self) -> dict:
-        return {"ratray.model_type": self.mcfg.model, "ratray.retrieval": self.t.retrieval}
+        tags = {"ratray.model_type": self.mcfg.model, "ratray.retrieval": self.t.retrieval}
+        if self.job.init_from:
+            tags.update({"ratray.retrofit_from": self.job.init_from,
+                         "ratray.trainable_params": str(self.trainable),
+                         "ratray.frozen_params": str(self.frozen)})
+        return tags
 
     def start(self, step: int) -> None:
         if self.retro:
