@@ -1,8 +1,9 @@
 """Evaluate a trained RETRO (or baseline) run: held-out bits-per-byte with retrieval on and off and
-of baseline runs on the same bytes, bpb(α) by overlap with the neighbours, a database-size curve
-without retraining, 95% intervals by bootstrap over documents.
+of other runs on the same bytes (baselines; RETRO runs such as a RETROfit, with retrieval on),
+bpb(α) by overlap with the neighbours, a database-size curve without retraining, 95% intervals by
+bootstrap over documents.
 
-    python jobs/evaluate.py --workdir work --run-name retro-demo [--baseline base-demo ...]
+    python jobs/evaluate.py --workdir work --run-name retro-demo [--compare base-demo ...]
     ray job submit --working-dir . -- python jobs/evaluate.py --workdir $PWD/work --run-name retro-demo
 
 Writes <workdir>/runs/<run>/eval/ (report.json, report.md, PNG plots, per-chunk and per-document
@@ -21,7 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     p = job_parser(__doc__)
     p.add_argument("--workdir", default="work")
     p.add_argument("--run-name", required=True, help="the run to evaluate")
-    p.add_argument("--baseline", action="append", default=[], help="a baseline run on the same data (repeatable)")
+    p.add_argument("--compare", action="append", default=[], metavar="RUN",
+                   help="another run on the same data: a baseline, or a RETRO run such as a "
+                        "RETROfit (repeatable)")
     p.add_argument("--fractions", default="0.1,0.3,1.0",
                    help="shares of the training documents for the database-size curve ('' = none)")
     p.add_argument("--sequences", type=int, default=0, help="validation sequences scored (0 = all)")
@@ -40,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--fractions {a.fractions!r}: expected numbers like 0.1,0.3,1.0") from None
         if any(not 0 < f <= 1 for f in fractions):
             raise ConfigError(f"--fractions {a.fractions!r}: every share must be in (0, 1]")
-        report = evaluate(a.workdir, a.run_name, tuple(a.baseline), fractions, a.sequences,
+        report = evaluate(a.workdir, a.run_name, tuple(a.compare), fractions, a.sequences,
                           n_boot=a.resamples, progress=not a.quiet)
         return format_evaluation(report, markdown=False)
 

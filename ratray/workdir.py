@@ -7,6 +7,8 @@
       index/                   the database's sharded FAISS index + summary.json (ratray.build)
       runs/<name>/             one training run: summary.json, plots, neighbour tables and, for
         index/                 REALM, the run's own versioned index (versions/vNNNNNN + CURRENT)
+        eval/                  its evaluation (jobs/evaluate.py): report, plots, per-chunk scores
+      experiments/<name>/      a comparison of runs (jobs/retro_experiment.py)
       ray_results/             Ray Train storage (checkpoints), unless train.storage_path says else
       mlflow.db, mlartifacts/  the embedded MLflow store, unless MLFLOW_TRACKING_URI says else
 
@@ -58,6 +60,10 @@ class Workdir:
     def run_index(self, name: str) -> Path:
         """A run's own (versioned) index: REALM's refreshed index lives with its run."""
         return self.run(name) / "index"
+
+    def experiment(self, name: str) -> Path:
+        """A comparison of runs (jobs/retro_experiment.py): its report and plots."""
+        return self.root / "experiments" / self.run(name).name
 
     def ray_results(self, storage_path: str | None = None) -> str:
         """Ray Train storage: `storage_path` when given (a folder or a URI, as is), else

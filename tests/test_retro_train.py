@@ -1,6 +1,7 @@
 """RETRO on Ray Train + DeepSpeed: a 2-worker run whose loss falls, that checkpoints, resumes at the
 right step, and whose MLflow run reads back."""
 import json
+import statistics
 
 import pytest
 import torch
@@ -26,10 +27,12 @@ def trained(small_workdir):
     """One run trained for 6 steps, then resumed by name to 9 (2 workers, ZeRO-2, checkpoints
     every 3 steps); its first summary, the metrics at its step-6 checkpoint, its final summary."""
     wd, _, _ = small_workdir
-    first = run(job(wd, "train.steps=6", "train.checkpoint_every=3", "train.run_name=t-resume"), progress=False)
+    first = run(job(wd, "train.steps=6", "train.checkpoint_every=3", "train.run_name=t-resume"),
+                progress=False)
     hist = json.loads((wd / "runs" / "t-resume" / "final_metrics.json").read_text())
     # the same run name resumes from step 6 and continues to 9 (data position and schedule intact)
-    second = run(job(wd, "train.steps=9", "train.checkpoint_every=3", "train.run_name=t-resume"), progress=False)
+    second = run(job(wd, "train.steps=9", "train.checkpoint_every=3", "train.run_name=t-resume"),
+                 progress=False)
     return wd, first, hist, second
 
 
@@ -113,9 +116,10 @@ def test_retrofit_trains_only_the_retrieval_path_of_a_frozen_baseline(retrofitte
     assert all(torch.equal(before[n], after[n]) for n in before)  # the decoder did not move
     assert any(not torch.equal(after[n], torch.zeros_like(after[n])) for n in after if ".cca.attn.proj" in n)
     # RETRO[OFF] of the RETROfitted model is the baseline itself: same bytes, same bits
-    assert evaluate_main(["--workdir", str(wd), "--run-name", "t-fit", "--baseline", "t-base",
+    assert evaluate_main(["--workdir", str(wd), "--run-name", "t-fit", "--compare", "t-base",
                           "--resamples", "200", "--fractions", "", "--quiet"]) == 0
-    rows = {r["model"]: r for r in json.loads((wd / "runs" / "t-fit" / "eval" / "report.json").read_text())["rows"]}
+    report = json.loads((wd / "runs" / "t-fit" / "eval" / "report.json").read_text())
+    rows = {r["model"]: r for r in report["rows"]}
     assert rows["t-fit RETRO[OFF]"]["bpb"] == pytest.approx(rows["t-base"]["bpb"], rel=1e-6)
     from ratray.eval.report import format_summary
 
@@ -150,3 +154,43 @@ def test_bad_configuration_fails_before_any_work(small_workdir, tmp_path):
         resolve(job(wd, "model.seq_len=100"))
     with pytest.raises(ConfigError, match="no index"):
         resolve(job(tmp_path))
+
+
+def test_experiment_plans_identical_schedules_and_a_4x_baseline(small_workdir):
+    """jobs/retro_experiment.py's runs: the same data and train section for every model; only the
+    model differs (baseline-4N twice as wide: ~4x the decoder's non-embedding parameters)."""
+    from ratray.retro.experiment import plans
+    from ratray.retro.model import Retro
+
+    wd, _, _ = small_workdir
+    base = job(wd, "train.steps=40", "train.warmup_steps=12")
+    todo = dict(plans(base, "x", retrofit=True, retrofit_share=0.25))
+    assert list(todo) == ["baseline-N", "baseline-4N", "RETRO-N", "RETROfit"]
+    assert [j.model_type for j in todo.values()] == ["baseline", "baseline", "retro", "retro"]
+    assert [j.train.run_name for j in todo.values()] == [f"x-{role}" for role in todo]
+    for role in ("baseline-N", "baseline-4N", "RETRO-N"):  # one schedule, one data set
+        t = todo[role].train
+        assert (t.steps, t.lr, t.micro_batch, t.seed) == (40, base.train.lr, base.train.micro_batch, 0)
+        j = todo[role]
+        assert (j.corpus, j.chunks, j.index, j.embed) == (base.corpus, base.chunks, base.index, base.embed)
+    fit = todo["RETROfit"]
+    assert (fit.init_from, fit.train.steps, fit.train.warmup_steps, fit.model.zero_init_cca) == \
+        ("x-baseline-N", 10, 10, True)
+    store = resolve(base).store
+
+    def decoder_params(j):
+        m = Retro(j.model.for_store(store.tokenizer.vocab_size, store.tokenizer.pad_id, store.chunk_tokens))
+        return sum(p.numel() for p in m.parameters()) - m.wte.weight.numel()
+    ratio = decoder_params(todo["baseline-4N"]) / decoder_params(todo["baseline-N"])
+    assert 3.9 < ratio < 4.1, ratio
+
+
+@pytest.mark.slow
+def test_median_step_time_leaves_out_the_start_up_interval(trained):
+    from ratray.retro.experiment import median_step_s
+
+    wd, _, _, second = trained
+    c = MlflowClient(tracking_uri(wd))
+    hist = sorted(c.get_metric_history(second["mlflow"]["run_id"], "step_time_s"), key=lambda m: m.step)
+    assert len(hist) > 2  # logged every 2 steps of 9
+    assert median_step_s(second) == pytest.approx(statistics.median(m.value for m in hist[1:]))

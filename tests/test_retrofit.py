@@ -40,8 +40,8 @@ def test_step_zero_loss_equals_the_baselines(pair):
     baseline, model = pair
     idx, nb, tgt = batch(0)
     with torch.no_grad():
-        assert model.eval()(idx, nb, tgt)[1].item() == pytest.approx(baseline.eval()(idx, None, tgt)[1].item(),
-                                                                      abs=1e-6)
+        fitted, base = model.eval()(idx, nb, tgt)[1].item(), baseline.eval()(idx, None, tgt)[1].item()
+    assert fitted == pytest.approx(base, abs=1e-6)
 
 
 def test_training_changes_only_the_retrieval_path(pair):

@@ -94,6 +94,23 @@ def format_evaluation(r: dict, markdown: bool = True) -> str:
         lines += [f"| {p['documents']} ({p['documents_share']:.0%}) | {p['chunks']:,} | {p['bpb']:.4f} | "
                   f"{ci(p['ci95'])} |" for p in r["database_size"]]
     lines += ["", f"Command: `python jobs/evaluate.py --workdir WORKDIR --run-name {r['run']}"
-              + "".join(f" --baseline {x}" for x in r["baselines"]) + "`"]
+              + "".join(f" --compare {x}" for x in r["compared"]) + "`"]
     text = "\n".join(lines) + "\n"
     return text if markdown else text.replace("`", "")
+
+
+def format_experiment(x: dict) -> str:
+    """jobs/retro_experiment.py's report: what each model cost to train, then the evaluation."""
+    params = {row["model"].split(" ")[0]: row["non_embedding_params"] for row in x["evaluation"]["rows"]}
+    lines = [f"# Experiment {x['name']}", "",
+             f"Identical data, token budget and schedule; the training split holds {x['train_tokens']:,} "
+             f"tokens; the database {x['database']['chunks']:,} chunks.", "",
+             "| model | run | non-embedding params | steps | tokens | passes over the data | wall time "
+             "| median step |", "|---|---|---|---|---|---|---|---|"]
+    for role, t in x["training"].items():
+        step = f"{t['median_step_s']:.3f} s" if t["median_step_s"] else "n/a"
+        lines.append(f"| {role} | {t['run']} | {params.get(t['run'], 0):,} | {t['steps']} | "
+                     f"{t['tokens']:,} | {t['passes']:.2f} | {t['wall_time_s']:.0f} s | {step} |")
+    ratio = x["step_time_retro_over_baseline"]
+    lines += ["", f"RETRO-N ÷ baseline-N median step time: {ratio:.2f}" if ratio else "", ""]
+    return "\n".join(lines) + format_evaluation(x["evaluation"])

@@ -117,7 +117,8 @@ class RetroJobConfig(BuildConfig):
         check(self.model.model in ("retro", self.model_type), "model.model",
               "set model_type (or --model) instead")
         if self.init_from is not None:
-            check(self.model_type == "retro", "init_from", "RETROfits a baseline into RETRO: model_type=retro")
+            check(self.model_type == "retro", "init_from",
+                  "RETROfits a baseline into RETRO: model_type=retro")
             check(self.model.zero_init_cca, "init_from",
                   "needs model.zero_init_cca=true (the CCA starts at zero: step 0 equals the baseline)")
             check(self.init_from != self.train.run_name, "init_from", "must name another run")

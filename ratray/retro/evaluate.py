@@ -1,5 +1,6 @@
 """Evaluate a trained RETRO run (what jobs/evaluate.py calls): held-out bits-per-byte with retrieval
-on and off and of baseline runs on the same bytes, RETRO's leakage analysis bpb(α), a database-size
+on and off and of other runs on the same bytes (baselines; RETRO runs such as a RETROfit, with
+retrieval on), RETRO's leakage analysis bpb(α), a database-size
 curve without retraining, 95% intervals by bootstrap over documents, and the report.
 
     the run's config + checkpoint ─ Retro on this process's CPU
@@ -9,8 +10,8 @@ curve without retraining, 95% intervals by bootstrap over documents, and the rep
     ─ <run>/eval/: report.json, report.md, plots, per_chunk.parquet, per_document.parquet
       (also attached to the run's MLflow record)
 
-A baseline run is compared only when it scored the very same validation bytes (same chunk store,
-same sequence length); anything else is refused, naming what differs.
+Another run is compared only when it scores the very same validation bytes (same chunk store, same
+sequence length); anything else is refused, naming what differs.
 """
 from __future__ import annotations
 
@@ -42,6 +43,14 @@ class Loaded:
     @property
     def non_embedding_params(self) -> int:
         return sum(p.numel() for p in self.model.parameters()) - self.model.wte.weight.numel()
+
+
+def val_neighbours(run: Loaded) -> np.ndarray:
+    """The validation neighbours a RETRO run was evaluated with (stored by its driver)."""
+    table = run.run_dir / "val_neighbours.npy"
+    if not table.is_file():
+        raise FileNotFoundError(f"run '{run.name}' has no validation neighbours at {table}")
+    return np.load(table)
 
 
 def load_run(wd: Workdir, name: str) -> Loaded:
@@ -99,11 +108,12 @@ def database_subset(store, fraction: float, seed: int) -> tuple[np.ndarray, int,
 # the evaluation
 
 
-def evaluate(workdir: str, run_name: str, baselines: tuple[str, ...] = (),
+def evaluate(workdir: str, run_name: str, compare: tuple[str, ...] = (),
              fractions: tuple[float, ...] = FRACTIONS, sequences: int = 0, seed: int = 0,
              n_boot: int = N_BOOT, progress: bool = True, log_mlflow: bool = True) -> dict:
-    """Score `run_name` (RETRO[ON], RETRO[OFF]; a baseline run: its one row) and `baselines` on the
-    run's validation sequences (`sequences` 0 = all); write and return the report."""
+    """Score `run_name` (RETRO[ON], RETRO[OFF]; a baseline run: its one row) and the `compare` runs
+    (a baseline: its row; a RETRO run: RETRO[ON] with its own neighbours) on the run's validation
+    sequences (`sequences` 0 = all); write and return the report."""
     from ratray.index.filtered import DocCodes
     from ratray.index.search import ExactIndex
     from ratray.retro.batches import RetroBatches
@@ -121,26 +131,24 @@ def evaluate(workdir: str, run_name: str, baselines: tuple[str, ...] = (),
     batches = RetroBatches(store, layout, run.cfg.k)
     retro = run.cfg.model == "retro"
 
-    # rows: the run itself, then every baseline (same bytes or refused)
+    # rows: the run itself, then every compared run (same bytes or refused)
     scored: list[Scored] = []
     on_ids = None
     if retro:
-        table = run.run_dir / "val_neighbours.npy"
-        if not table.is_file():
-            raise FileNotFoundError(f"run '{run_name}' has no validation neighbours at {table}")
-        on_ids = np.load(table)
+        on_ids = val_neighbours(run)
         scored.append(score(run, batches, on_ids, rows, f"{run_name} RETRO[ON]", "on"))
         scored.append(score(run, batches, None, rows, f"{run_name} RETRO[OFF]", "off"))
     else:
         scored.append(score(run, batches, None, rows, run_name, "none"))
-    for name in baselines:
+    for name in compare:
         other = load_run(wd, name)
         if resolve(other.job).store.key != store.key or other.cfg.seq_len != run.cfg.seq_len:
-            raise ConfigError(f"baseline '{name}' was trained on another chunk store or sequence "
-                              f"length than '{run_name}': not the same validation bytes")
-        scored.append(score(other, batches, None, rows,
-                            name if other.cfg.model == "baseline" else f"{name} RETRO[OFF]",
-                            "none" if other.cfg.model == "baseline" else "off"))
+            raise ConfigError(f"run '{name}' was trained on another chunk store or sequence length "
+                              f"than '{run_name}': not the same validation bytes")
+        if other.cfg.model == "baseline":
+            scored.append(score(other, batches, None, rows, name, "none"))
+        else:
+            scored.append(score(other, batches, val_neighbours(other), rows, f"{name} RETRO[ON]", "on"))
 
     # chunks, documents, overlap r(C) with the neighbours read when predicting each chunk
     chunk_ids = layout[rows]  # (s l)
@@ -197,7 +205,7 @@ def evaluate(workdir: str, run_name: str, baselines: tuple[str, ...] = (),
                                "chunks": int(len(ids)), "bpb": bpb, "ci95": list(ci)})
 
     report = {
-        "run": run_name, "baselines": list(baselines), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "run": run_name, "compared": list(compare), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "rows": report_rows, "differences": differences, "database_size": size_curve,
         "eval": {"sequences": int(len(rows)), "chunks": int(live.sum()), "documents": int(D),
                  "bytes": int(doc_bytes.sum()), "share_r_ge_0.5": float((r[live] >= 0.5).mean())
