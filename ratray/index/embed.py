@@ -166,7 +166,12 @@ def embed_texts_ray(texts: list[str], cfg: EmbedConfig, progress: bool = True) -
     threads = _threads(cfg, node_cpus)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # one bar of our own below, not Ray's per-operator bars
-    table = pa.table({"row": np.arange(len(texts), dtype=np.int64), "text": pa.array(texts, pa.string())})
+    # length-sorted: each batch holds texts of about one length, so little of it is padding
+    # (measured, 800 demo chunks on 2 threads: batches of 128 in corpus order ran at 0.58x the
+    # speed of the same texts sorted by length)
+    order = np.argsort([len(t) for t in texts], kind="stable")
+    table = pa.table({"row": order.astype(np.int64),
+                      "text": pa.array([texts[i] for i in order], pa.string())})
     ds = ray.data.from_arrow(table).map_batches(
         _EncoderActor,
         fn_constructor_kwargs=dict(model=cfg.model, device=device, threads=threads,
