@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="another run on the same data: a baseline, or a RETRO run such as a "
                         "RETROfit (repeatable)")
     p.add_argument("--fractions", default="0.1,0.3,1.0",
-                   help="shares of the training documents for the database-size curve ('' = none)")
+                   help="shares of the database's documents for the size curve ('' = none)")
     p.add_argument("--sequences", type=int, default=0, help="validation sequences scored (0 = all)")
     p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -1,11 +1,13 @@
-"""The build pipeline: corpus → chunk store → embeddings → sharded index → recall check → summary.
+"""The build pipeline: corpus → chunk store → embeddings → sharded index → recall and overlap
+through the shard actors → summary.
 
 Each stage is reused when its inputs are unchanged: the chunk store by a content hash of corpus and
 settings, embeddings by a per-chunk content key, the index by its manifest (chunk store key, factory,
 shards, metric, model, training sample size and seed). Search-time settings (`index.nprobe`,
 `index.ef_search`) never force a rebuild: a reused index takes the configured values into its
-manifest. Nothing started here outlives the call: the shard actors used to measure recall through
-the real service are shut down before returning.
+manifest. The database is the train and db splits (validation documents are held out). Nothing
+started here outlives the call: the shard actors used to measure recall and overlap through the real
+service are shut down before returning.
 """
 from __future__ import annotations
 
@@ -21,9 +23,11 @@ import numpy as np
 from ratray.config import BuildConfig, IndexConfig, ServiceConfig, flatten, to_dict
 from ratray.data.chunks import ChunkStore, build_chunk_store
 from ratray.eval.metrics import recall_at_k
+from ratray.eval.overlap import overlap_ratios
 from ratray.index.build import build_index, build_settings
 from ratray.index.embed import embed_with_cache
 from ratray.index.search import exact_search
+from ratray.index.service import ShardedIndex
 from ratray.index.store import Manifest, load_manifest, write_manifest
 from ratray.pretrained import model_id
 from ratray.workdir import Workdir
@@ -65,25 +69,34 @@ def apply_search_settings(path: Path, m: Manifest, cfg: IndexConfig) -> list[str
     return changed
 
 
-def measure_recall(vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray, path: Path,
-                   cfg: BuildConfig, k: int = RECALL_K) -> dict:
+def measure_recall(client, vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray, metric: str,
+                   k: int = RECALL_K) -> dict:
     """ANN recall@k of the sharded actor service against exact search over the same vectors."""
-    from ratray.index.service import ShardedIndex
-
     k = min(k, len(ids))
     t0 = time.perf_counter()
-    _, exact_pos = exact_search(vectors, queries, k, cfg.index.metric)
-    exact_ids = ids[exact_pos]
-    svc_cfg = ServiceConfig(**{**to_dict(cfg.service), "name": f"build-{os.getpid()}-{time.time_ns()}"})
-    client = ShardedIndex.launch(str(path), svc_cfg)
-    try:
-        t1 = time.perf_counter()
-        res = client.search(queries, k)
-        search_s = time.perf_counter() - t1
-    finally:
-        client.shutdown()
-    return {"k": k, "queries": int(len(queries)), f"recall@{k}": round(recall_at_k(res.ids, exact_ids), 4),
+    _, exact_pos = exact_search(vectors, queries, k, metric)
+    t1 = time.perf_counter()
+    res = client.search(queries, k)
+    search_s = time.perf_counter() - t1
+    recall = recall_at_k(res.ids, ids[exact_pos])
+    return {"k": k, "queries": int(len(queries)), f"recall@{k}": round(recall, 4),
             "service_search_s": round(search_s, 4), "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def measure_overlap(client, store: ChunkStore, all_vectors: np.ndarray, k: int) -> dict:
+    """How much of the held-out text the database holds, as RETRO reads it: for every validation
+    chunk with a predecessor in its document, r(C) = its longest common run with the [N, F] of the
+    k neighbours retrieved for that predecessor, ÷ its length (ratray/eval/overlap.py)."""
+    val = store.split_ids("val")
+    chunks = val[store.column("pos")[val] > 0]  # chunk ids are dense, a document's consecutive
+    if len(chunks) == 0:
+        return {"k": k, "chunks": 0}
+    res = client.search(all_vectors[chunks - 1], min(k, client.ntotal))  # (val documents are not in it)
+    pad = store.tokenizer.pad_id
+    r = overlap_ratios(store.tokens(chunks), store.n_tokens(chunks), pad,
+                       store.with_continuation(res.ids), pad)
+    return {"k": k, "chunks": int(len(chunks)), "mean_r": round(float(r.mean()), 4),
+            **{f"share_r_ge_{a:g}": round(float((r >= a).mean()), 4) for a in (0.125, 0.5, 1.0)}}
 
 
 def build(cfg: BuildConfig, progress: bool = True) -> dict:
@@ -101,13 +114,15 @@ def build(cfg: BuildConfig, progress: bool = True) -> dict:
     t = time.perf_counter()
     store = build_chunk_store(cfg.corpus, cfg.chunks, wd.chunks, progress=progress)
     timings["chunk_store_s"] = time.perf_counter() - t
-    train_ids = store.split_ids("train")
+    db_ids = store.database_ids()  # train + db chunks: validation documents are held out
     val_ids = store.split_ids("val")
 
-    # chunks → embeddings (database = train chunks only; validation documents are held out)
+    # chunks → embeddings: every chunk in one pass (one actor pool); the index holds the database
+    # (validation documents are held out), the validation chunks are the queries of the checks
     t = time.perf_counter()
-    vectors, estats = embed_with_cache(store.texts(train_ids), cfg.embed, wd.embeddings,
-                                       progress=progress)
+    all_vectors, estats = embed_with_cache(store.texts(np.arange(len(store))), cfg.embed,
+                                           wd.embeddings, progress=progress)
+    vectors = all_vectors[db_ids]
     timings["embed_s"] = time.perf_counter() - t
 
     # embeddings → index shards
@@ -118,19 +133,28 @@ def build(cfg: BuildConfig, progress: bool = True) -> dict:
     index_reused = manifest is not None
     search_updated = apply_search_settings(path, manifest, cfg.index) if index_reused else []
     if manifest is None:
-        manifest = build_index(vectors, train_ids.astype(np.int64), path, cfg.index,
+        manifest = build_index(vectors, db_ids.astype(np.int64), path, cfg.index,
                                embedding_model=model, chunk_store=store.key)
     timings["index_build_s"] = time.perf_counter() - t
 
-    # recall@10 of the served index against exact search, on held-out (validation) chunks
+    # through the real shard actors: recall@10 against exact search on held-out (validation)
+    # chunks, and how much of the validation text the database holds (RETRO's r(C))
     t = time.perf_counter()
     rng = np.random.default_rng(cfg.index.seed)
-    pool = val_ids if len(val_ids) else train_ids
+    pool = val_ids if len(val_ids) else db_ids
     q_ids = np.sort(rng.choice(pool, size=min(cfg.index.recall_queries, len(pool)), replace=False))
-    queries, _ = embed_with_cache(store.texts(q_ids), cfg.embed, wd.embeddings, progress=False)
-    recall = measure_recall(vectors, train_ids.astype(np.int64), queries, path, cfg)
-    recall["query_split"] = "val" if len(val_ids) else "train"
-    timings["recall_s"] = time.perf_counter() - t
+    queries = all_vectors[q_ids]
+    svc = ServiceConfig(**{**to_dict(cfg.service), "name": f"build-{os.getpid()}-{time.time_ns()}"})
+    client = ShardedIndex.launch(str(path), svc)
+    try:
+        recall = measure_recall(client, vectors, db_ids.astype(np.int64), queries, cfg.index.metric)
+        recall["query_split"] = "val" if len(val_ids) else "train"
+        timings["recall_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        overlap = measure_overlap(client, store, all_vectors, getattr(getattr(cfg, "model", None), "k", 2))
+        timings["overlap_s"] = time.perf_counter() - t
+    finally:
+        client.shutdown()
     timings["total_s"] = time.perf_counter() - t_all
 
     meta = store.meta
@@ -146,6 +170,7 @@ def build(cfg: BuildConfig, progress: bool = True) -> dict:
                   "dim": manifest.dim, "shards": len(manifest.shards), "nprobe": manifest.nprobe,
                   "ef_search": manifest.ef_search, "version": manifest.version},
         "recall": recall,
+        "overlap": overlap,
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "config": flatten(to_dict(cfg)),
         "host": {"python": platform.python_version(), "cpus": os.cpu_count()},

@@ -39,12 +39,22 @@ class CorpusConfig:
     max_bytes: int | None = None  # cap on total UTF-8 bytes read; None = all
     max_doc_bytes: int = 4_000_000  # a larger single document is skipped and counted ("too_large")
     val_fraction: float = 0.05  # share of documents (by id hash) held out for validation
-    seed: int = 0  # salt of the deterministic train/val split
+    # share of documents (by id hash) that go into the retrieval database only, never trained on:
+    # the database is train + db (RETRO's regime: a database larger than the training data)
+    db_fraction: float = 0.0
+    # edited copies of every document read, each a document of its own (ratray/data/versions.py):
+    # the forks, releases and mirrors real crawls are full of
+    versions: int = 0
+    seed: int = 0  # salt of the deterministic train/val/db split and of the versions' edits
 
     def __post_init__(self) -> None:
         check(self.format in ("auto", "text", "jsonl", "parquet"), "corpus.format",
                f"must be auto|text|jsonl|parquet, got {self.format!r}")
         check(0.0 <= self.val_fraction < 1.0, "corpus.val_fraction", "must be in [0, 1)")
+        check(0.0 <= self.db_fraction and self.val_fraction + self.db_fraction < 1.0,
+              "corpus.db_fraction", "must be >= 0 and leave documents to train on "
+              f"(val_fraction + db_fraction < 1, got {self.val_fraction} + {self.db_fraction})")
+        check(0 <= self.versions <= 9, "corpus.versions", "must be in 0..9")
         check(self.max_docs is None or self.max_docs > 0, "corpus.max_docs", "must be > 0")
         check(self.max_bytes is None or self.max_bytes > 0, "corpus.max_bytes", "must be > 0")
         check(self.max_doc_bytes > 0, "corpus.max_doc_bytes", "must be > 0")

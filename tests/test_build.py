@@ -30,6 +30,8 @@ def test_summary_counts_timings_and_recall(built):
         assert s["timings"][k] >= 0
     assert isinstance(s["skipped"], dict)
     assert s["config"]["index.shards"] == 2
+    o = s["overlap"]  # how much of the validation text the database holds (RETRO's r(C))
+    assert o["k"] == 2 and o["chunks"] > 0 and 0 <= o["share_r_ge_1"] <= o["share_r_ge_0.5"] <= 1
 
 
 def test_index_dir_is_self_describing(built):
@@ -94,3 +96,29 @@ def test_search_settings_take_effect_without_a_rebuild_and_build_settings_force_
     assert rebuilt["index"]["reused"] is False
     assert load_manifest(copy / "index").extra["build_settings"]["seed"] == 7
     assert again("index.ef_search=32", "index.seed=7")["index"]["reused"] is True
+
+
+def test_a_corpus_with_versions_gives_the_database_near_twins_of_the_validation_text(ray_session,
+                                                                                    tmp_path):
+    """The same four modules with and without two derived versions each: with them most validation
+    chunks find a long verbatim run in what they retrieve; without, almost none do."""
+    import shutil
+
+    from ratray.build import build
+    from ratray.config import BuildConfig, load_config
+    from tests.test_corpus import stdlib_files
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for f in [p for p in stdlib_files(60, min_bytes=3000) if p.stat().st_size < 6000][:4]:
+        shutil.copy(f, corpus / f.name)  # ~20 KB: a few hundred chunks to embed
+    base = [f"corpus.path={corpus}", "corpus.val_fraction=0.4", "chunks.chunk_tokens=32",
+            "chunks.vocab_size=600", "index.factory=Flat", "index.shards=1", "index.recall_queries=20"]
+    plain = build(load_config(BuildConfig, None, base + [f"workdir={tmp_path / 'a'}"]), progress=False)
+    twins = build(load_config(BuildConfig, None, base + [f"workdir={tmp_path / 'b'}", "corpus.versions=2",
+                                                          "corpus.db_fraction=0.3"]), progress=False)
+    assert twins["counts"]["chunks"]["db"] > 0
+    chunks = twins["counts"]["chunks"]
+    assert twins["counts"]["index_vectors"] == chunks["train"] + chunks["db"]
+    assert twins["overlap"]["share_r_ge_0.5"] > 0.4 > plain["overlap"]["share_r_ge_0.5"] + 0.2, \
+        (twins["overlap"], plain["overlap"])

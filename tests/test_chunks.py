@@ -299,7 +299,7 @@ def test_val_documents_are_validation_documents(store):
 
 def test_meta_counts_chunks_per_split(store):
     train, val = store.split_ids("train"), store.split_ids("val")
-    assert store.meta["counts"]["chunks"] == {"train": len(train), "val": len(val), "total": len(store)}
+    assert store.meta["counts"]["chunks"] == {"train": len(train), "val": len(val), "db": 0, "total": len(store)}
 
 
 def test_unknown_split_is_refused(store):
@@ -329,7 +329,7 @@ def small_corpus(tmp_path_factory):
 def test_small_corpus_gets_a_val_document(small_corpus):
     corpus, store, _ = small_corpus
     val_docs = set(store.doc_ids(store.split_ids("val")))
-    assert store.meta["documents_read"] == {"train": 2, "val": 1, "total": 3} and len(val_docs) == 1
+    assert store.meta["documents_read"] == {"train": 2, "val": 1, "db": 0, "total": 3} and len(val_docs) == 1
     natural = [d for d in (p.name for p in corpus.glob("*.py")) if is_validation(d, 0.01, 0)]
     assert store.meta["forced_val_doc"] == (None if natural else val_docs.pop())
 
@@ -602,11 +602,18 @@ def test_bpe_still_skips_the_short_document(wp_small):
 def test_bpe_key_hashes_only_the_pre_wordpiece_fields(stores):
     """bpe keys hash only the pre-wordpiece chunk fields: old stores stay valid."""
     store = stores(64)
-    corpus_settings = {k: v for k, v in dataclasses.asdict(CORPUS).items() if k != "path"}
+    later = ("db_fraction", "versions")  # corpus fields added after stores existed: out at 0
+    corpus_settings = {k: v for k, v in dataclasses.asdict(CORPUS).items() if k != "path" and k not in later}
     payload = {"version": STORE_VERSION, "fingerprint": corpus_fingerprint(CORPUS), "corpus": corpus_settings,
                "chunks": {"chunk_tokens": 64, "vocab_size": VOCAB, "min_frequency": 2}}
     assert store.key == hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
     assert store.key == chunk_store_key(CORPUS, ChunkConfig(chunk_tokens=64, vocab_size=VOCAB))
+
+
+def test_database_split_and_versions_change_the_key():
+    base = chunk_store_key(CORPUS, ChunkConfig(), "fp")
+    assert chunk_store_key(dataclasses.replace(CORPUS, db_fraction=0.5), ChunkConfig(), "fp") != base
+    assert chunk_store_key(dataclasses.replace(CORPUS, versions=2), ChunkConfig(), "fp") != base
 
 
 def test_bpe_key_ignores_the_wordpiece_model(stores):

@@ -8,7 +8,7 @@ from ratray.index.filtered import DocCodes, filter_candidates
 from ratray.index.search import exact_search
 from ratray.index.service import ShardedIndex
 from ratray.retro.neighbours import (ChunkVectors, NeighbourFetcher, ensure_chunk_vectors, excluded_docs,
-                                     neighbour_tokens, precompute_neighbours, sequence_layout)
+                                     precompute_neighbours, sequence_layout)
 from ratray.workdir import Workdir
 
 L = 4  # chunks per sequence
@@ -86,7 +86,7 @@ def test_neighbour_values_are_chunk_plus_continuation(env):
     db = store.split_ids("train")
     with_next = db[store.continuation(db) >= 0][:3]
     last = db[store.continuation(db) < 0][:1]
-    toks = neighbour_tokens(store, np.concatenate([with_next, last, [-1]]))
+    toks = store.with_continuation(np.concatenate([with_next, last, [-1]]))
     assert np.array_equal(toks[0, :m], store.tokens(with_next[:1])[0])
     assert np.array_equal(toks[0, m:], store.tokens(store.continuation(with_next[:1]))[0])
     pad = store.tokenizer.pad_id

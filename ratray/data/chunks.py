@@ -27,10 +27,8 @@ bpe: documents with fewer than `chunk_tokens` tokens are skipped and counted as 
 wordpiece: such a document is kept as one shorter block; one without any wordpiece (e.g. only
 control characters, which BERT's normalizer deletes) is skipped and counted as "no_tokens".
 
-Split rule: a document is "val" when `is_validation(doc_id, val_fraction, seed)`. If that leaves no
-val document although val_fraction > 0 and there are ≥ 2 documents, the document with the smallest
-`split_score` (the one nearest to the val side) is moved to val, so a small corpus still has a
-held-out document. A train split without any chunk is an error.
+Splits by document ("train", "val", "db": `ratray.data.corpus.plan_split`); the retrieval database
+is train + db (`ChunkStore.database_ids`). A train split without any chunk is an error.
 """
 from __future__ import annotations
 
@@ -53,13 +51,13 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from ratray.config import ChunkConfig, CorpusConfig
-from ratray.data.corpus import (Document, SkipReport, corpus_fingerprint, is_validation,
-                                iter_documents, split_score)
+from ratray.data.corpus import (Document, SkipReport, corpus_fingerprint, iter_documents,
+                                plan_split, split_of)
 from ratray.data.tokenizer import LMTokenizer, WordPieceTokenizer, load_tokenizer, wordpiece_file
 
 STORE_VERSION = 1
 DOC_BATCH = 128  # documents tokenized (and written as one row group) at a time
-SPLITS = ("train", "val")
+SPLITS = ("train", "val", "db")  # db: in the retrieval database only, never trained on
 
 SCHEMA = pa.schema([
     ("chunk_id", pa.int64()),
@@ -90,8 +88,10 @@ def chunk_store_key(corpus: CorpusConfig, chunks: ChunkConfig, fingerprint: str 
     count (see `_key_chunk_settings`).
     """
     settings = _settings(corpus, chunks)
+    unset_new = ("db_fraction", "versions")  # at 0, stores built before they existed keep their key
     payload = {"version": STORE_VERSION, "fingerprint": fingerprint or corpus_fingerprint(corpus),
-               "corpus": {k: v for k, v in settings["corpus"].items() if k != "path"},
+               "corpus": {k: v for k, v in settings["corpus"].items()
+                          if k != "path" and not (k in unset_new and not v)},
                "chunks": _key_chunk_settings(chunks)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
@@ -150,27 +150,6 @@ def build_chunk_store(corpus: CorpusConfig, chunks: ChunkConfig, root: str | Pat
         if tmp.exists():
             shutil.rmtree(tmp)
     return ChunkStore.open(final, reused=False)
-
-
-def _plan_split(corpus: CorpusConfig, skips: SkipReport) -> tuple[dict[str, int], str | None]:
-    """Pass 1: read every document; count train/val docs; choose the forced val doc if needed."""
-    n = {"train": 0, "val": 0}
-    nearest: tuple[float, str] | None = None  # (split_score, doc_id) nearest to the val side
-    for doc in iter_documents(corpus, skips):
-        val = is_validation(doc.doc_id, corpus.val_fraction, corpus.seed)
-        n["val" if val else "train"] += 1
-        score = split_score(doc.doc_id, corpus.seed)
-        if nearest is None or score < nearest[0]:
-            nearest = (score, doc.doc_id)
-    forced = None
-    if corpus.val_fraction > 0 and n["val"] == 0 and n["train"] >= 2 and nearest is not None:
-        forced = nearest[1]
-        n = {"train": n["train"] - 1, "val": 1}
-    if n["train"] == 0:
-        raise ChunkStoreError(f"the train split is empty: all {n['val']} documents fell into val "
-                              f"(corpus.val_fraction={corpus.val_fraction}); "
-                              f"lower val_fraction or add documents")
-    return n, forced
 
 
 def _cut(lens: np.ndarray, chunk_tokens: int) -> tuple[np.ndarray, ...]:
@@ -251,11 +230,10 @@ def _build(corpus: CorpusConfig, chunks: ChunkConfig, out: Path, key: str, finge
            progress: bool) -> None:
     t0 = time.time()
     skips = SkipReport()
-    docs_read, forced_val = _plan_split(corpus, skips)
+    docs_read, forced_val = plan_split(corpus, skips)
 
-    def split_of(doc: Document) -> str:
-        val = doc.doc_id == forced_val or is_validation(doc.doc_id, corpus.val_fraction, corpus.seed)
-        return "val" if val else "train"
+    def split(doc: Document) -> str:
+        return "val" if doc.doc_id == forced_val else split_of(doc.doc_id, corpus)
 
     # 2. tokenizer: BPE trained on the train split only (re-read: the skip report of pass 1 is the
     # one kept), or the fixed WordPiece of the model, copied into the store
@@ -264,35 +242,35 @@ def _build(corpus: CorpusConfig, chunks: ChunkConfig, out: Path, key: str, finge
     if wordpiece:
         tok = WordPieceTokenizer.from_model(chunks.wordpiece_model)
     else:
-        train_texts = (d.text for d in iter_documents(corpus, SkipReport()) if split_of(d) == "train")
+        train_texts = (d.text for d in iter_documents(corpus, SkipReport()) if split(d) == "train")
         tok = LMTokenizer.train(train_texts, chunks.vocab_size, chunks.min_frequency)
     tok.save(out / "tokenizer.json")
     t_tok = time.time() - t0
 
     # 3. tokenize, chunk, write
-    counts = {k: {"train": 0, "val": 0} for k in ("documents", "chunks", "tokens", "bytes")}
+    counts = {k: dict.fromkeys(SPLITS, 0) for k in ("documents", "chunks", "tokens", "bytes")}
     n_written = 0
     bar = tqdm(total=sum(docs_read.values()), unit="doc", desc="tokenize+chunk", disable=not progress)
     with pq.ParquetWriter(out / "chunks.parquet", SCHEMA) as writer:
         for docs in _batches(iter_documents(corpus, SkipReport()), DOC_BATCH):
-            split = [split_of(d) for d in docs]
+            splits = [split(d) for d in docs]
             texts = [d.text for d in docs]
             if wordpiece:
                 ids, offsets = zip(*tok.encode_batch_offsets(texts))
-                table = _chunk_batch(docs, list(ids), split, chunks.chunk_tokens, tok, n_written,
+                table = _chunk_batch(docs, list(ids), splits, chunks.chunk_tokens, tok, n_written,
                                      skips, list(offsets))
             else:
-                table = _chunk_batch(docs, tok.encode_batch(texts), split, chunks.chunk_tokens, tok,
+                table = _chunk_batch(docs, tok.encode_batch(texts), splits, chunks.chunk_tokens, tok,
                                      n_written, skips)
             bar.update(len(docs))
             if table is None:
                 continue
             writer.write_table(table)
             n_written += table.num_rows
-            is_val = pc.equal(table["split"], "val").to_numpy(zero_copy_only=False)
             first = table["pos"].to_numpy() == 0
             n_tok, n_byt = table["n_tokens"].to_numpy(), table["n_bytes"].to_numpy()
-            for s, mask in (("train", ~is_val), ("val", is_val)):
+            for s in SPLITS:
+                mask = pc.equal(table["split"], s).to_numpy(zero_copy_only=False)
                 counts["documents"][s] += int((mask & first).sum())
                 counts["chunks"][s] += int(mask.sum())
                 counts["tokens"][s] += int(n_tok[mask].sum())
@@ -307,7 +285,7 @@ def _build(corpus: CorpusConfig, chunks: ChunkConfig, out: Path, key: str, finge
             f"chunk_tokens={chunks.chunk_tokens} "
             f"tokens (skipped: {skips.counts}); lower chunks.chunk_tokens or add longer documents")
     for c in counts.values():
-        c["total"] = c["train"] + c["val"]
+        c["total"] = sum(c[s] for s in SPLITS)
 
     meta = {
         "version": STORE_VERSION, "key": key, "fingerprint": fingerprint,
@@ -409,8 +387,12 @@ class ChunkStore:
 
     # -- lookups by chunk id ----------------------------------------------------------------
 
+    def database_ids(self) -> np.ndarray:
+        """The retrieval database: chunk ids (ascending) of the train and db splits."""
+        return np.union1d(self.split_ids("train"), self.split_ids("db"))
+
     def split_ids(self, split: str) -> np.ndarray:
-        """Chunk ids (int64, ascending) of "train" or "val"."""
+        """Chunk ids (int64, ascending) of "train", "val" or "db"."""
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         name = f"_ids_{split}"
@@ -439,6 +421,21 @@ class ChunkStore:
     def continuation(self, ids) -> np.ndarray:
         """next_chunk_id of each chunk: the following chunk of the same document, -1 if none."""
         return self.column("next_chunk_id")[np.asarray(ids, dtype=np.int64)]
+
+    def with_continuation(self, ids: np.ndarray) -> np.ndarray:
+        """Chunk ids (any shape, -1 = none) → int32 tokens (..., 2m): each chunk followed by its
+        continuation (RETRO's neighbour [N, F]), pad-filled where either is missing."""
+        m, flat = self.chunk_tokens, np.asarray(ids, dtype=np.int64).reshape(-1)
+        out = np.full((len(flat), 2 * m), self.tokenizer.pad_id, np.int32)
+        ok = flat >= 0
+        if ok.any():
+            out[ok, :m] = self.tokens(flat[ok], pad_to=m)
+            cont = np.full(len(flat), -1, np.int64)
+            cont[ok] = self.continuation(flat[ok])
+            has = cont >= 0
+            if has.any():
+                out[has, m:] = self.tokens(cont[has], pad_to=m)
+        return out.reshape(*np.shape(ids), 2 * m)
 
     def texts(self, ids) -> list[str]:
         return self.table.column("text").take(pa.array(np.asarray(ids, dtype=np.int64))).to_pylist()

@@ -6,6 +6,10 @@ A corpus is a file or a folder (read recursively, formats may be mixed):
   - JSONL (`.jsonl`, `.ndjson`, `.json`): one JSON object per line, fields named by the config;
   - Parquet (`.parquet`): one row per document, read in record batches.
 With `path: None` the corpus is this interpreter's standard library source (see `default_corpus_path`).
+With `versions: n`, every document read is followed by n edited copies of it (ratray/data/versions.py).
+
+Splits, by document: "val" when `split_score(doc_id, seed) < val_fraction`, "db" (the retrieval
+database only, never trained on) when it is below val_fraction + db_fraction, else "train".
 
 Bad input either raises `CorpusError` (the message names the file, the row and the field), or — for
 problems that are a property of one document rather than of the corpus's structure — skips that
@@ -40,6 +44,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ratray.config import CorpusConfig
+from ratray.data.versions import edited, version_id
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 PARQUET_SUFFIXES = (".parquet",)
@@ -336,7 +341,7 @@ def iter_documents(cfg: CorpusConfig, skips: SkipReport) -> Iterator[Document]:
     done = False
     for path in files:
         for doc, size in readers[_file_format(path, cfg)](path):
-            if cfg.max_docs is not None and len(seen) >= cfg.max_docs:
+            if cfg.max_docs is not None and skips.documents >= cfg.max_docs:
                 skips.capped = "max_docs"
             elif cfg.max_bytes is not None and skips.bytes + size > cfg.max_bytes:
                 skips.capped = "max_bytes"
@@ -350,6 +355,14 @@ def iter_documents(cfg: CorpusConfig, skips: SkipReport) -> Iterator[Document]:
             skips.documents += 1
             skips.bytes += size
             yield doc
+            for i in range(1, cfg.versions + 1):  # derived: not counted against the caps
+                vid = version_id(doc.doc_id, i)
+                if vid in seen:
+                    raise CorpusError(f"document id {vid!r} at {seen[vid]} collides with version "
+                                      f"{i + 1} of {doc.doc_id!r} (corpus.versions)")
+                seen[vid] = doc.source
+                yield Document(vid, edited(doc.text, doc.doc_id, i, cfg.seed), doc.title,
+                               f"{doc.source} (version {i + 1})")
         if done:
             break
     if not seen:
@@ -395,3 +408,34 @@ def split_score(doc_id: str, seed: int) -> float:
 def is_validation(doc_id: str, val_fraction: float, seed: int) -> bool:
     """Deterministic train/val assignment by document: the whole document goes to one side."""
     return split_score(doc_id, seed) < val_fraction
+
+
+def split_of(doc_id: str, cfg: CorpusConfig) -> str:
+    """"val", "db" or "train": the whole document goes to one split."""
+    score = split_score(doc_id, cfg.seed)
+    return "val" if score < cfg.val_fraction else "db" if score < cfg.val_fraction + cfg.db_fraction \
+        else "train"
+
+
+def plan_split(cfg: CorpusConfig, skips: SkipReport) -> tuple[dict[str, int], str | None]:
+    """Read every document once: documents per split, and the document forced into "val" when the
+    hash put none there although val_fraction > 0 and there are ≥ 2 documents (the one with the
+    smallest `split_score`, nearest to the val side), so a small corpus still holds one out."""
+    n = {"train": 0, "val": 0, "db": 0}
+    nearest: tuple[float, str, str] | None = None  # (split_score, doc_id, its split)
+    for doc in iter_documents(cfg, skips):
+        s = split_of(doc.doc_id, cfg)
+        n[s] += 1
+        score = split_score(doc.doc_id, cfg.seed)
+        if nearest is None or score < nearest[0]:
+            nearest = (score, doc.doc_id, s)
+    forced = None
+    if cfg.val_fraction > 0 and n["val"] == 0 and n["train"] + n["db"] >= 2 and nearest is not None:
+        forced = nearest[1]
+        n[nearest[2]] -= 1
+        n["val"] = 1
+    if n["train"] == 0:
+        raise CorpusError(f"the train split is empty: all {sum(n.values())} documents fell into val or "
+                          f"db (corpus.val_fraction={cfg.val_fraction}, db_fraction={cfg.db_fraction}); "
+                          f"lower them or add documents")
+    return n, forced

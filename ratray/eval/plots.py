@@ -59,9 +59,9 @@ def bpb_by_overlap(rows: list[dict], path: Path, title: str) -> Path:
 
 
 def bpb_vs_database(points: list[dict], path: Path, title: str) -> Path:
-    """RETRO[ON] with the database restricted to a share of the training documents."""
+    """RETRO[ON] with the database restricted to a share of its documents."""
     plt, fig, ax = _figure()
     ax.errorbar([p["documents_share"] for p in points], [p["bpb"] for p in points],
                 yerr=_errors(points), marker="o", capsize=3, label="RETRO[ON], same checkpoint")
     ax.set_xscale("log")
-    return _save(plt, fig, ax, path, title, "share of training documents in the database")
+    return _save(plt, fig, ax, path, title, "share of the database's documents kept")

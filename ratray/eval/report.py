@@ -89,7 +89,7 @@ def format_evaluation(r: dict, markdown: bool = True) -> str:
         lines.append(f"| {x['model']} | " + " | ".join(cells) + " |")
     if r["database_size"]:
         lines += ["", "## Database size (the same checkpoint, no retraining; exact search)", "",
-                  "| training documents in the database | chunks | RETRO[ON] bpb | 95% CI |",
+                  "| documents in the database | chunks | RETRO[ON] bpb | 95% CI |",
                   "|---|---|---|---|"]
         lines += [f"| {p['documents']} ({p['documents_share']:.0%}) | {p['chunks']:,} | {p['bpb']:.4f} | "
                   f"{ci(p['ci95'])} |" for p in r["database_size"]]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import numpy as np
 
 from ratray.data.chunks import ChunkStore
-from ratray.retro.neighbours import neighbour_tokens
 
 
 class RetroBatches:
@@ -47,4 +46,4 @@ class RetroBatches:
 
     def neighbours(self, nbr_ids: np.ndarray) -> np.ndarray:
         """Neighbour ids (b, l, k) → tokens (b, l, k, 2m) int64 ([N, F], pad-filled)."""
-        return neighbour_tokens(self.store, nbr_ids).astype(np.int64)
+        return self.store.with_continuation(nbr_ids).astype(np.int64)

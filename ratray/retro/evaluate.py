@@ -5,7 +5,7 @@ curve without retraining, 95% intervals by bootstrap over documents, and the rep
 
     the run's config + checkpoint ─ Retro on this process's CPU
     the validation sequences the run trained against ─ neighbours: the run's own table (index as
-        trained), or exact search of a share of the training documents (the size curve)
+        trained), or exact search of a share of the database's documents (the size curve)
     ─ nats and bytes per chunk slot (eval/lm) ─ per chunk, per document ─ bootstrap (eval/stats)
     ─ <run>/eval/: report.json, report.md, plots, per_chunk.parquet, per_document.parquet
       (also attached to the run's MLflow record)
@@ -28,7 +28,7 @@ from ratray.eval.stats import N_BOOT, bpb_interval, delta_interval, per_document
 from ratray.retro.config import RetroConfig, RetroJobConfig
 from ratray.workdir import Workdir
 
-FRACTIONS = (0.1, 0.3, 1.0)  # shares of the training documents for the database-size curve
+FRACTIONS = (0.1, 0.3, 1.0)  # shares of the database's documents: the size curve
 
 
 @dataclass
@@ -95,13 +95,14 @@ def score(run: Loaded, batches, nbr_ids: np.ndarray | None, rows: np.ndarray, la
 
 
 def database_subset(store, fraction: float, seed: int) -> tuple[np.ndarray, int, int]:
-    """Training chunk ids of a seeded `fraction` of the training documents (whole documents),
-    the number of documents kept and of all training documents."""
-    train = store.split_ids("train")
-    docs = np.unique(store.doc_ids(train).astype(str))
+    """Chunk ids of a seeded `fraction` of the database's documents (whole documents), the number
+    of documents kept and of all database documents."""
+    db = store.database_ids()
+    doc_of = store.doc_ids(db).astype(str)
+    docs = np.unique(doc_of)
     rng = np.random.default_rng(seed)
-    keep = set(rng.permutation(docs)[: max(1, int(round(fraction * len(docs))))])
-    return train[np.isin(store.doc_ids(train).astype(str), list(keep))], len(keep), len(docs)
+    keep = rng.permutation(docs)[: max(1, int(round(fraction * len(docs))))]
+    return db[np.isin(doc_of, keep)], len(keep), len(docs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,8 +119,7 @@ def evaluate(workdir: str, run_name: str, compare: tuple[str, ...] = (),
     from ratray.index.search import ExactIndex
     from ratray.retro.batches import RetroBatches
     from ratray.retro.driver import resolve
-    from ratray.retro.neighbours import (ChunkVectors, ensure_chunk_vectors, neighbour_tokens,
-                                         search_layout, sequence_layout)
+    from ratray.retro.neighbours import ChunkVectors, ensure_chunk_vectors, search_layout, sequence_layout
 
     t0 = time.perf_counter()
     wd = Workdir(workdir)
@@ -162,7 +162,7 @@ def evaluate(workdir: str, run_name: str, compare: tuple[str, ...] = (),
         toks = batches.tokens(rows).reshape(-1, run.cfg.chunk_tokens)  # (s*l m)
         prev = np.full(on_ids[rows].shape, -1, np.int64)
         prev[:, 1:] = on_ids[rows][:, :-1]  # chunk u is predicted through Ret(chunk u-1)
-        nb = neighbour_tokens(store, prev)  # (s l k 2m)
+        nb = store.with_continuation(prev)  # (s l k 2m)
         n_tok = np.where(live, store.n_tokens(np.maximum(chunk_ids, 0)), 0).reshape(-1)
         pad = store.tokenizer.pad_id
         r = overlap_ratios(toks, n_tok, pad, nb.reshape(-1, *nb.shape[2:]), pad).reshape(chunk_ids.shape)

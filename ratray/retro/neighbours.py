@@ -52,27 +52,6 @@ def excluded_docs(layout: np.ndarray, docs: DocCodes) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
-# neighbour tokens: [N, F] = neighbour chunk + its continuation
-
-
-def neighbour_tokens(store: ChunkStore, nbr: np.ndarray) -> np.ndarray:
-    """Neighbour ids (..., k) → tokens (..., k, 2m): the chunk and its continuation, pad-filled."""
-    m = store.chunk_tokens  # RETRO's m
-    pad = store.tokenizer.pad_id
-    flat = nbr.reshape(-1)
-    out = np.full((len(flat), 2 * m), pad, np.int32)
-    ok = flat >= 0
-    if ok.any():
-        out[ok, :m] = store.tokens(flat[ok], pad_to=m)
-        cont = np.full(len(flat), -1, np.int64)
-        cont[ok] = store.continuation(flat[ok])
-        has = cont >= 0
-        if has.any():
-            out[has, m:] = store.tokens(cont[has], pad_to=m)
-    return out.reshape(*nbr.shape, 2 * m)
-
-
-# ---------------------------------------------------------------------------------------------
 # query vectors: the retriever embedding of every chunk, aligned with chunk ids
 
 
