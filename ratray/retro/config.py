@@ -34,6 +34,10 @@ class RetroConfig:
     neighbour_len: int | None = None  # r; None: 2*chunk_tokens ([N, F])
     model: str = "retro"  # retro | baseline (same decoder, no encoder, no CCA); jobs: model_type
     zero_init_cca: bool = True  # CCA output projections start at 0: untrained RETRO == RETRO[OFF]
+    # These two make CCA learn to copy from a neighbour in tens of steps instead of hundreds
+    # (bench/cca_copy.py; the why is in ratray/retro/model.py). 0 / False: plain RoPE, plain init.
+    cca_prior_slope: float = 2.0  # CCA logit bias -slope_h*|t-(i+1)|, slope_h = this*2^(-8h/n_head)
+    copy_init: bool = True  # the value path starts as a copy of the attended token's embedding
 
     def __post_init__(self) -> None:
         def ok(cond: bool, name: str, msg: str) -> None:
@@ -55,6 +59,7 @@ class RetroConfig:
            "enc_n_head", f"must be >= 1 and divide enc_d_model ({self.enc_d_model}) into even "
            "head sizes (RoPE)")
         ok(self.k >= 1, "k", "must be >= 1")
+        ok(self.cca_prior_slope >= 0, "cca_prior_slope", "must be >= 0")
         if self.neighbour_len is None and self.chunk_tokens is not None:
             self.neighbour_len = 2 * self.chunk_tokens
         ok(self.neighbour_len is None or self.neighbour_len >= 1, "neighbour_len", "must be >= 1")
