@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# `make demo`: a local single-node Ray head, the index build and the RETRO job submitted with
-# `ray job submit`, progress streamed, the result printed, and the Ray it started stopped again.
+# `make demo`: a local single-node Ray head, the index build, the RETRO job and its evaluation
+# submitted with `ray job submit`, progress streamed, the report printed (RETRO[ON] vs RETRO[OFF]
+# with 95% intervals, bpb by overlap, the database-size curve), and the Ray it started stopped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
@@ -26,3 +27,7 @@ echo "== training RETRO (Ray Train + DeepSpeed workers, online retrieval from th
 cluster/local.sh submit --working-dir . -- python jobs/retro_pretrain.py --workdir "$WORKDIR" --config "$CONFIG" --run-name "$RUN_NAME" --quiet
 
 $PY jobs/show_run.py --workdir "$WORKDIR" --run-name "$RUN_NAME"
+
+echo "== evaluating: RETRO[ON] vs RETRO[OFF] on every validation document, 95% bootstrap intervals"
+cluster/local.sh submit --working-dir . -- python jobs/evaluate.py --workdir "$WORKDIR" --run-name "$RUN_NAME" --quiet
+echo "report: $WORKDIR/runs/$RUN_NAME/eval/report.md (plots next to it, and in the run's MLflow record)"

@@ -7,7 +7,6 @@ Starts nothing permanent: the shard actors used to measure recall are shut down 
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -29,11 +28,9 @@ def main(argv: list[str] | None = None) -> int:
         # the RETRO job config is a superset: one YAML file serves both jobs
         cfg = load_job(RetroJobConfig, a, {"corpus.path": a.corpus, "workdir": a.workdir,
                                            "index.shards": a.shards, "index.factory": a.index})
-        from ratray.build import build
+        from ratray.build import build, format_build
 
-        s = build(cfg, progress=not a.quiet)
-        return (json.dumps({k: s[k] for k in ("counts", "skipped", "index", "recall", "timings")}, indent=2)
-                + f"\nsummary: {s['index']['path']}/summary.json")
+        return format_build(build(cfg, progress=not a.quiet))
 
     return run_job(work)
 

@@ -178,3 +178,27 @@ def build(cfg: BuildConfig, progress: bool = True) -> dict:
     wd.index_summary.write_text(json.dumps(summary, indent=2, default=str))
     log.info("build summary written to %s", wd.index_summary)
     return summary
+
+
+def format_build(s: dict) -> str:
+    """A build summary (summary.json) as the few lines a person reads."""
+    c, sk, ix, e, r = s["counts"], s["skipped"], s["index"], s["embeddings"], s["recall"]
+    ch, docs = c["chunks"], c["documents"]
+    splits = " · ".join(f"{k} {ch[k]:,}" for k in ("train", "val", "db") if k in ch)
+    skipped = ", ".join(f"{k} {v}" for k, v in sk["counts"].items())
+    lines = [f"chunk store: {docs['total']:,} documents → {ch['total']:,} chunks ({splits})"
+             + (f"; {sk['total']} documents skipped ({skipped})" if sk["total"] else "")
+             + (f"; reading stopped at corpus.{sk['capped']}" if sk.get("capped") else ""),
+             f"embeddings: {e['embedded']:,} embedded ({e['chunks_per_s']} chunks/s), {e['cached']:,} "
+             f"from the cache",
+             f"database: {c['index_vectors']:,} chunks (train + db) in {ix['shards']} {ix['factory']} "
+             f"shards, index v{ix['version']} ({'reused' if ix['reused'] else 'built'}); "
+             f"recall@{r['k']} {r['recall@' + str(r['k'])]:.3f} against exact search on {r['queries']} "
+             f"validation queries"]
+    o = s.get("overlap")
+    if o:
+        lines.append(f"overlap: {o['share_r_ge_0.5']:.1%} of {o['chunks']:,} validation chunks share a run "
+                     f"of ≥ half their tokens with the k={o['k']} neighbours of their predecessor "
+                     f"(mean r(C) {o['mean_r']:.2f})")
+    lines.append(f"time: {s['timings']['total_s']:.0f} s; summary: {ix['path']}/summary.json")
+    return "\n".join(lines)

@@ -84,3 +84,11 @@ def test_the_database_is_train_and_db_and_only_train_is_trained_on(corpus, tmp_p
 def test_bad_database_settings_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key):
         load_config(CorpusConfig, None, [override.split(".", 1)[1]])
+
+
+def test_original_id_groups_a_document_with_its_versions():
+    from ratray.data.versions import original_id, version_id
+
+    assert original_id(version_id("pkg/mod.py", 2)) == "pkg/mod.py"
+    assert original_id("pkg/mod.py") == "pkg/mod.py"
+    assert original_id("notes@v0") == "notes@v0"  # versions are numbered from 1

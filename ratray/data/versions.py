@@ -22,11 +22,18 @@ import random
 import re
 
 SUFFIXES = ("_v2", "_impl", "_compat", "_ext")
+VERSION_SUFFIX = re.compile(r"@v[1-9]$")
 DEFINED = re.compile(r"^\s*(?:def|class)\s+([A-Za-z_]\w{3,})|^([A-Za-z_]\w{3,})\s*=", re.M)
 
 
 def version_id(doc_id: str, i: int) -> str:
     return f"{doc_id}@v{i}"
+
+
+def original_id(doc_id: str) -> str:
+    """The document a version was derived from (itself for an original): statistics that need
+    independent units group a document with its versions."""
+    return VERSION_SUFFIX.sub("", doc_id)
 
 
 def edited(text: str, doc_id: str, i: int, seed: int) -> str:

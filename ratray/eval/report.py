@@ -27,8 +27,8 @@ def format_retro(s: dict) -> str:
     lines = [f"run {s['run_name']} ({s['model_type']}, retrieval: {s['retrieval']}): "
              f"{s['steps']} steps, {s['tokens']:,} tokens, {s['wall_time_s']:.0f} s"]
     if on is not None:
-        lines.append(f"validation bits-per-byte  RETRO[ON] {on:.4f}   RETRO[OFF] {off:.4f}   "
-                     f"(retrieval {'helps' if on < off else 'does not help yet'}: {off - on:+.4f})")
+        lines.append(f"validation bits-per-byte  RETRO[ON] {on:.4f}   RETRO[OFF] {off:.4f}   (training's "
+                     f"check, no interval: jobs/evaluate.py --run-name {s['run_name']} compares them)")
     else:
         lines.append(f"validation bits-per-byte  {off:.4f}")
     fit = s.get("retrofit")
@@ -71,7 +71,8 @@ def format_evaluation(r: dict, markdown: bool = True) -> str:
     ci = lambda c: f"[{c[0]:.4f}, {c[1]:.4f}]"  # noqa: E731
     lines = [f"# Evaluation of run {r['run']}", "",
              f"{e['sequences']} validation sequences: {e['chunks']} chunks of {e['documents']} "
-             f"documents, {e['bytes']:,} bytes. 95% intervals: bootstrap over {b['unit']}s "
+             f"documents (a version counted with its original), {e['bytes']:,} bytes. "
+             f"95% intervals: bootstrap over {b['unit']} "
              f"({b['resamples']} resamples), paired for differences.", "",
              "| model | retrieval | non-embedding params | bits per byte | 95% CI |", "|---|---|---|---|---|"]
     lines += [f"| {x['model']} | {x['retrieval']} | {x['non_embedding_params']:,} | {x['bpb']:.4f} | "

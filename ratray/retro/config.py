@@ -38,6 +38,10 @@ class RetroConfig:
     # (bench/cca_copy.py; the why is in ratray/retro/model.py). 0 / False: plain RoPE, plain init.
     cca_prior_slope: float = 2.0  # CCA logit bias -slope_h*|t-(i+1)|, slope_h = this*2^(-8h/n_head)
     copy_init: bool = True  # the value path starts as a copy of the attended token's embedding
+    # CCA logit bonus (learnable per head, starts here) for keys whose preceding neighbour tokens
+    # equal the query's current token (+ again if the one before matches too): induction matching
+    # of a neighbour that holds the text at any offset (ratray/retro/model.py). 0: off
+    cca_match_bias: float = 2.0
 
     def __post_init__(self) -> None:
         def ok(cond: bool, name: str, msg: str) -> None:
@@ -60,6 +64,7 @@ class RetroConfig:
            "head sizes (RoPE)")
         ok(self.k >= 1, "k", "must be >= 1")
         ok(self.cca_prior_slope >= 0, "cca_prior_slope", "must be >= 0")
+        ok(self.cca_match_bias >= 0, "cca_match_bias", "must be >= 0")
         if self.neighbour_len is None and self.chunk_tokens is not None:
             self.neighbour_len = 2 * self.chunk_tokens
         ok(self.neighbour_len is None or self.neighbour_len >= 1, "neighbour_len", "must be >= 1")

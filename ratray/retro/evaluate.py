@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ratray.config import ConfigError, from_dict
+from ratray.data.versions import original_id
 from ratray.eval.overlap import by_overlap, overlap_ratios
 from ratray.eval.stats import N_BOOT, bpb_interval, delta_interval, per_document, verdict
 from ratray.retro.config import RetroConfig, RetroJobConfig
@@ -115,7 +116,6 @@ def evaluate(workdir: str, run_name: str, compare: tuple[str, ...] = (),
     """Score `run_name` (RETRO[ON], RETRO[OFF]; a baseline run: its one row) and the `compare` runs
     (a baseline: its row; a RETRO run: RETRO[ON] with its own neighbours) on the run's validation
     sequences (`sequences` 0 = all); write and return the report."""
-    from ratray.index.filtered import DocCodes
     from ratray.index.search import ExactIndex
     from ratray.retro.batches import RetroBatches
     from ratray.retro.driver import resolve
@@ -153,10 +153,10 @@ def evaluate(workdir: str, run_name: str, compare: tuple[str, ...] = (),
     # chunks, documents, overlap r(C) with the neighbours read when predicting each chunk
     chunk_ids = layout[rows]  # (s l)
     live = chunk_ids >= 0
-    docs = DocCodes(store)
-    doc_code = docs.of(chunk_ids)
-    codes = np.unique(doc_code[live])
-    doc_of = np.searchsorted(codes, doc_code[live])  # dense 0..D-1 over evaluated documents
+    # the bootstrap's unit: a document with its derived versions (corpus.versions), which are
+    # not independent of it; dense 0..D-1 over the evaluated units
+    codes, doc_of = np.unique([original_id(d) for d in store.doc_ids(chunk_ids[live]).astype(str)],
+                              return_inverse=True)
     r = np.zeros(chunk_ids.shape)
     if on_ids is not None:
         toks = batches.tokens(rows).reshape(-1, run.cfg.chunk_tokens)  # (s*l m)
@@ -210,7 +210,8 @@ def evaluate(workdir: str, run_name: str, compare: tuple[str, ...] = (),
         "eval": {"sequences": int(len(rows)), "chunks": int(live.sum()), "documents": int(D),
                  "bytes": int(doc_bytes.sum()), "share_r_ge_0.5": float((r[live] >= 0.5).mean())
                  if live.any() else 0.0},
-        "bootstrap": {"unit": "document", "resamples": n_boot, "level": 0.95, "seed": seed},
+        "bootstrap": {"unit": "documents (one with its versions)", "resamples": n_boot, "level": 0.95,
+                      "seed": seed},
         "seconds": round(time.perf_counter() - t0, 1),
     }
     out = write_report(wd, run, report, scored, chunk_ids, live, r, store)

@@ -13,7 +13,7 @@ from ratray.workdir import SUMMARY, Workdir
 def make_trainer(train_fn, loop_config: dict, t, workdir: str):
     """The Ray Train `TorchTrainer` of a run: `t.num_workers` workers, resumable by `t.run_name`
     (same storage path + name = resume), `t.max_failures` retries, `t.keep_checkpoints` kept."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     return TorchTrainer(
@@ -23,7 +23,9 @@ def make_trainer(train_fn, loop_config: dict, t, workdir: str):
                                      resources_per_worker={"CPU": t.cpus_per_worker}),
         run_config=RunConfig(name=t.run_name, storage_path=Workdir(workdir).ray_results(t.storage_path),
                              failure_config=FailureConfig(max_failures=t.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+                             # Ray Train's own INFO lines (one per report) drown the progress lines
+                             logging_config=LoggingConfig(log_level="WARNING")),
     )
 
 

@@ -22,6 +22,7 @@ state {step, history, the method's state}; resuming at step t resumes the data p
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +30,23 @@ from pathlib import Path
 import numpy as np
 
 CKPT_TAG = "ds"  # DeepSpeed checkpoint tag inside every Ray Train checkpoint folder
+
+
+def quiet_libraries() -> None:
+    """What the workers' console shows is the progress line: library chatter goes to the log files
+    only (Ray Train's per-report INFO line, logged under its file path and so past its own
+    LoggingConfig; faiss's loader trying each instruction set; a DeepSpeed call to a deprecated
+    torch collective)."""
+    import logging
+    import warnings
+
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    try:
+        from ray.train.v2._internal.execution import context
+        logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    except ImportError:  # another Ray Train layout: only more console lines
+        pass
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
 
 
 def world() -> tuple[int, int]:
@@ -74,6 +92,7 @@ class TrainWorker:
 
         from ratray.config import from_dict
 
+        quiet_libraries()
         self.config = config  # the resolved job config and the paths the driver prepared
         self.job = from_dict(self.job_cls, config["job"])
         self.t = self.job.train
@@ -156,8 +175,9 @@ class TrainWorker:
             if last:
                 self.history["final"] = dict(metrics)
             self.tracker.log_metrics(metrics, step=done)
-            if self.rank == 0:
-                print(self.progress_line(done, metrics), flush=True)
+            if self.rank == 0:  # write(): Ray Train's patched print() would log it twice
+                sys.stdout.write(self.progress_line(done, metrics) + "\n")
+                sys.stdout.flush()
             if ckpt_due:
                 if last and self.rank == 0:
                     self.finish(metrics)
