@@ -45,6 +45,7 @@ class CorpusConfig:
     # edited copies of every document read, each a document of its own (ratray/data/versions.py):
     # the forks, releases and mirrors real crawls are full of
     versions: int = 0
+    version_edits: bool = True  # false: the versions are exact copies (the aligned-duplicate control)
     seed: int = 0  # salt of the deterministic train/val/db split and of the versions' edits
 
     def __post_init__(self) -> None:

@@ -602,7 +602,7 @@ def test_bpe_still_skips_the_short_document(wp_small):
 def test_bpe_key_hashes_only_the_pre_wordpiece_fields(stores):
     """bpe keys hash only the pre-wordpiece chunk fields: old stores stay valid."""
     store = stores(64)
-    later = ("db_fraction", "versions")  # corpus fields added after stores existed: out at 0
+    later = ("db_fraction", "versions", "version_edits")  # added after stores existed: out at default
     corpus_settings = {k: v for k, v in dataclasses.asdict(CORPUS).items() if k != "path" and k not in later}
     payload = {"version": STORE_VERSION, "fingerprint": corpus_fingerprint(CORPUS), "corpus": corpus_settings,
                "chunks": {"chunk_tokens": 64, "vocab_size": VOCAB, "min_frequency": 2}}

@@ -45,6 +45,17 @@ def test_versions_are_near_twins_not_copies(corpus):
         assert docs[doc_id] != docs[f"{doc_id}@v1"] and 0.4 < share < 0.99, (doc_id, share)
 
 
+def test_exact_versions_are_copies_in_a_store_of_their_own(corpus):
+    """corpus.version_edits=false: the aligned-duplicate control; a different chunk store key."""
+    from ratray.data.chunks import chunk_store_key
+
+    exact = dataclasses.replace(corpus, version_edits=False)
+    docs = {d.doc_id: d.text for d in iter_documents(exact, SkipReport())}
+    for doc_id in [k for k in docs if "@v" not in k]:
+        assert docs[doc_id] == docs[f"{doc_id}@v1"] == docs[f"{doc_id}@v2"]
+    assert chunk_store_key(exact, ChunkConfig()) != chunk_store_key(corpus, ChunkConfig())
+
+
 def test_versions_are_deterministic_and_seeded():
     text = "def alpha_one(x):\n    return x\n\nclass BetaTwo:\n    pass\n" * 20
     assert edited(text, "a.py", 1, 0) == edited(text, "a.py", 1, 0)

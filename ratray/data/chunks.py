@@ -91,7 +91,8 @@ def chunk_store_key(corpus: CorpusConfig, chunks: ChunkConfig, fingerprint: str 
     unset_new = ("db_fraction", "versions")  # at 0, stores built before they existed keep their key
     payload = {"version": STORE_VERSION, "fingerprint": fingerprint or corpus_fingerprint(corpus),
                "corpus": {k: v for k, v in settings["corpus"].items()
-                          if k != "path" and not (k in unset_new and not v)},
+                          if k != "path" and not (k in unset_new and not v)
+                          and not (k == "version_edits" and v)},
                "chunks": _key_chunk_settings(chunks)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 

@@ -361,7 +361,8 @@ def iter_documents(cfg: CorpusConfig, skips: SkipReport) -> Iterator[Document]:
                     raise CorpusError(f"document id {vid!r} at {seen[vid]} collides with version "
                                       f"{i + 1} of {doc.doc_id!r} (corpus.versions)")
                 seen[vid] = doc.source
-                yield Document(vid, edited(doc.text, doc.doc_id, i, cfg.seed), doc.title,
+                text = edited(doc.text, doc.doc_id, i, cfg.seed) if cfg.version_edits else doc.text
+                yield Document(vid, text, doc.title,
                                f"{doc.source} (version {i + 1})")
         if done:
             break
