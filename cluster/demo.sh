@@ -4,7 +4,6 @@
 # with 95% intervals, bpb by overlap, the database-size curve), and the Ray it started stopped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=.venv/bin/python
 WORKDIR="${WORKDIR:-$PWD/work}"
 CONFIG="${CONFIG:-configs/demo.yaml}"
 RUN_NAME="${RUN_NAME:-retro-demo}"
@@ -25,8 +24,6 @@ cluster/local.sh submit --working-dir . -- python jobs/build_index.py --workdir 
 
 echo "== training RETRO (Ray Train + DeepSpeed workers, online retrieval from the shard actors)"
 cluster/local.sh submit --working-dir . -- python jobs/retro_pretrain.py --workdir "$WORKDIR" --config "$CONFIG" --run-name "$RUN_NAME" --quiet
-
-$PY jobs/show_run.py --workdir "$WORKDIR" --run-name "$RUN_NAME"
 
 echo "== evaluating: RETRO[ON] vs RETRO[OFF] on every validation document, 95% bootstrap intervals"
 cluster/local.sh submit --working-dir . -- python jobs/evaluate.py --workdir "$WORKDIR" --run-name "$RUN_NAME" --quiet
