@@ -92,3 +92,24 @@ def test_neighbour_values_are_chunk_plus_continuation(env):
     pad = store.tokenizer.pad_id
     assert (toks[3, m:] == pad).all()  # a document's last chunk has no continuation
     assert (toks[4] == pad).all()  # no neighbour at all
+
+
+def test_widening_searches_are_counted_and_still_exact(env):
+    """Excluding most of the database leaves the first request short: search_filtered widens
+    synchronously, counts it in `stats`, and still returns the nearest admissible chunks."""
+    from ratray.index.filtered import DocCodes, search_filtered
+
+    store, index, vectors = env
+    docs = DocCodes(store)
+    db = store.split_ids("train")
+    codes = np.unique(docs.of_chunk[db])
+    keep = codes[-1]  # every database document but one excluded
+    q = vectors[db[:4]]
+    exclude = np.tile(codes[codes != keep], (len(q), 1))
+    stats: dict = {}
+    ids, _ = search_filtered(index, q, exclude, docs, 2, stats=stats)
+    assert stats["widen_searches"] >= 1 and stats["widened_rows"] >= len(q)
+    admissible = db[docs.of_chunk[db] == keep]
+    _, pos = exact_search(vectors[db], q, len(db), "l2")
+    for j in range(len(q)):
+        assert ids[j].tolist() == [c for c in db[pos[j]] if c in set(admissible)][:2]

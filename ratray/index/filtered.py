@@ -53,10 +53,12 @@ def first_request(ntotal: int, k: int, n_excluded: int) -> int:
 
 
 def search_filtered(index, queries: np.ndarray, exclude: np.ndarray, docs: DocCodes, k: int,
-                    first=None) -> tuple[np.ndarray, np.ndarray]:
+                    first=None, stats: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k admissible neighbours; widens the search for rows the filter left short.
 
     `first` is an already-issued search result for (queries, K0) (the async path passes it in).
+    `stats`, if given, accumulates `widen_searches` and `widened_rows`: the synchronous searches
+    the filter forced (they are not prefetched, so they cost the caller their whole latency).
     """
     ntotal = index.ntotal
     K = first_request(ntotal, k, exclude.shape[1])
@@ -66,6 +68,9 @@ def search_filtered(index, queries: np.ndarray, exclude: np.ndarray, docs: DocCo
     while short.any() and K < ntotal:
         K = min(ntotal, K * 4)
         rows = np.flatnonzero(short)
+        if stats is not None:
+            stats["widen_searches"] = stats.get("widen_searches", 0) + 1
+            stats["widened_rows"] = stats.get("widened_rows", 0) + len(rows)
         r = index.search(queries[rows], K)
         ids[rows], d[rows], short_rows = filter_candidates(r.ids, r.distances, exclude[rows], docs, k)
         short[rows] = short_rows

@@ -183,6 +183,7 @@ class NeighbourFetcher:
         self.docs = DocCodes(store)
         self.excl = excluded_docs(layout, self.docs).reshape(*layout.shape, -1)
         self.K = first_request(index.ntotal, k, layout.shape[1])
+        self.stats: dict = {}  # widen_searches, widened_rows (search_filtered)
 
     def request(self, seq_idx: np.ndarray) -> "_Pending":
         flat = self.layout[seq_idx].reshape(-1)
@@ -195,13 +196,15 @@ class _Pending:
         self.f, self.seq_idx, self.q, self.fut, self.t0 = f, seq_idx, q, fut, t0
 
     def result(self) -> tuple[np.ndarray, float, float]:
+        """(ids, wait, latency): `wait` is all the time the caller blocks here — the prefetched
+        search still in flight, the leakage filter and any widening search it forces (counted in
+        the fetcher's `stats`); `latency` runs from the request to the answer."""
         f = self.f
         t = time.perf_counter()
         first = self.fut.result()
-        wait = time.perf_counter() - t
         excl = f.excl[self.seq_idx].reshape(len(self.q), -1)
-        ids, _ = search_filtered(f.index, self.q, excl, f.docs, f.k, first=first)
+        ids, _ = search_filtered(f.index, self.q, excl, f.docs, f.k, first=first, stats=f.stats)
         flat = f.layout[self.seq_idx].reshape(-1)
         ids[flat < 0] = -1  # empty slots retrieve nothing
-        latency = time.perf_counter() - self.t0
-        return ids.reshape(len(self.seq_idx), f.layout.shape[1], f.k), wait, latency
+        now = time.perf_counter()
+        return ids.reshape(len(self.seq_idx), f.layout.shape[1], f.k), now - t, now - self.t0

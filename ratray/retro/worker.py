@@ -40,11 +40,19 @@ class Retrieval:
         return ids
 
     def take_stats(self) -> dict:
+        """Per request since the last call: the time the step blocked on retrieval (prefetched
+        search, filter, widening), the request's whole latency, and the widening searches."""
+        if self.mode != "online":
+            return {}
         n = max(1, self.requests)
-        out = {"retrieval_wait_ms": 1e3 * self.wait_s / n, "retrieval_inflight_ms": 1e3 * self.latency_s / n}
+        widen = self.fetcher.stats
+        out = {"retrieval_wait_ms": 1e3 * self.wait_s / n, "retrieval_inflight_ms": 1e3 * self.latency_s / n,
+               "retrieval_widen_searches": widen.get("widen_searches", 0) / n,
+               "retrieval_widened_rows": widen.get("widened_rows", 0) / n}
         self.wait_s = self.latency_s = 0.0
         self.requests = 0
-        return out if self.mode == "online" else {}
+        widen.clear()
+        return out
 
 
 class RetroWorker(TrainWorker):
@@ -147,7 +155,8 @@ class RetroWorker(TrainWorker):
                  f"{m['tokens_per_s']:.0f} tok/s"]
         if "retrieval_wait_ms" in m:
             parts.append(f"retrieval wait {m['retrieval_wait_ms']:.1f} ms "
-                         f"(in flight {m['retrieval_inflight_ms']:.1f} ms)")
+                         f"(in flight {m['retrieval_inflight_ms']:.1f} ms, "
+                         f"{m['retrieval_widen_searches']:.2f} widening searches)")
         for key in ("val_bpb_retro_on", "val_bpb_retro_off", "val_bpb"):
             if key in m:
                 parts.append(f"{key} {m[key]:.4f}")
