@@ -8,8 +8,9 @@ from one exact search over the whole database (train + db chunks, the leakage fi
 never a document of the chunk's own sequence), cached next to the chunk store. Each variant then
 trains from the same seed on the same sequence order (torch AdamW with the config's lr schedule,
 clip; no Ray, no DeepSpeed: the model and data of `jobs/retro_pretrain.py`, without the plumbing),
-and every --every steps prints validation bits-per-byte with neighbours ON and OFF, their gap, and
-how many passes over the training split it has made. A variant is `name:` followed by RetroConfig
+and every --every steps prints validation bits-per-byte with neighbours ON and OFF, their gap with
+its paired 95% interval (bootstrap over validation documents, a document with its versions one
+unit, as jobs/evaluate.py), and how many passes over the training split it has made. A variant is `name:` followed by RetroConfig
 overrides joined by '+' (`cca_prior_slope=0+copy_init=0`), or `lr=` / `steps=`.
 """
 from __future__ import annotations
@@ -66,7 +67,9 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(a.threads)
 
-    from ratray.eval.lm import lm_sums
+    from ratray.data.versions import original_id
+    from ratray.eval.lm import slot_sums
+    from ratray.eval.stats import delta_interval, per_document
     from ratray.retro.batches import RetroBatches
     from ratray.retro.driver import resolve
     from ratray.retro.model import Retro
@@ -85,6 +88,10 @@ def main() -> None:
     bat = {s: RetroBatches(store, lay[s], k) for s in lay}
     val_rows = np.arange(len(lay["val"]) if a.val_seqs == 0 else a.val_seqs)
     n_train = len(lay["train"])
+    val_ids = lay["val"][val_rows]
+    live = val_ids >= 0
+    _, unit = np.unique([original_id(d) for d in store.doc_ids(val_ids[live]).astype(str)],
+                        return_inverse=True)
     print(f"train {n_train} sequences, val {len(val_rows)}; batch {a.batch}: one pass = "
           f"{n_train / a.batch:.0f} steps", flush=True)
 
@@ -99,17 +106,23 @@ def main() -> None:
         rng = np.random.default_rng(0)
         order = np.concatenate([rng.permutation(n_train) for _ in range(steps * a.batch // n_train + 1)])
 
-        def val(on: bool) -> float:
-            nats, nbytes, _ = lm_sums(model, bat["val"], nbr["val"] if on else None, val_rows, 8, "cpu")
-            return nats / nbytes / math.log(2)
+        def val() -> tuple[float, float, float, tuple[float, float]]:
+            """bpb ON, bpb OFF, OFF − ON and its paired 95% interval."""
+            (on, nbytes, _), (off, _, _) = (
+                slot_sums(model, bat["val"], nbr["val"] if x else None, val_rows, 8, "cpu") for x in (1, 0))
+            D = int(unit.max()) + 1
+            doc = [per_document(unit, v[live], D) for v in (on, off, nbytes)]
+            gap, ci = delta_interval(doc[1], doc[0], doc[2])
+            bits = math.log(2) * nbytes.sum()
+            return on.sum() / bits, off.sum() / bits, gap, ci
 
         t0 = time.perf_counter()
         for step in range(steps + 1):
             if step % a.every == 0 or step == steps:
-                on, off = val(True), val(False)
+                on, off, gap, ci = val()
                 print(f"{name:>12} step {step:4d} pass {step * a.batch / n_train:4.2f} | val bpb "
-                      f"ON {on:.4f} OFF {off:.4f} gap {off - on:+.4f} | {time.perf_counter() - t0:5.0f}s",
-                      flush=True)
+                      f"ON {on:.4f} OFF {off:.4f} gap {gap:+.4f} [{ci[0]:+.4f}, {ci[1]:+.4f}] | "
+                      f"{time.perf_counter() - t0:5.0f}s", flush=True)
             if step == steps:
                 break
             w = job.train.warmup_steps

@@ -126,8 +126,6 @@ def main() -> None:
     job = load_config(RetroJobConfig, a.config)
     base_cfg = job.model.for_store(a.vocab, 0, 64)
     b = job.train.micro_batch
-    g = torch.Generator().manual_seed(0)
-    data = batch(base_cfg, b, g)
     contenders = {"baseline": (dataclasses.replace(base_cfg, model="baseline"), False)}
     for spec in a.variants.split(","):
         name, over = parse(spec)

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from ratray.config import ChunkConfig, CorpusConfig
-from ratray.data.chunks import (SCHEMA, STORE_VERSION, ChunkStore, ChunkStoreError, build_chunk_store,
-                                chunk_store_key)
+from ratray.data.chunks import (LATER_CORPUS_FIELDS, SCHEMA, STORE_VERSION, ChunkStore, ChunkStoreError,
+                                build_chunk_store, chunk_store_key)
 from ratray.data.corpus import (SkipReport, corpus_fingerprint, is_validation, iter_documents,
                                 list_corpus_files)
 from ratray.data.tokenizer import LMTokenizer, WordPieceTokenizer, load_tokenizer
@@ -603,6 +603,7 @@ def test_bpe_key_hashes_only_the_pre_wordpiece_fields(stores):
     """bpe keys hash only the pre-wordpiece chunk fields: old stores stay valid."""
     store = stores(64)
     later = ("db_fraction", "versions", "version_edits")  # added after stores existed: out at default
+    assert set(later) == set(LATER_CORPUS_FIELDS)
     corpus_settings = {k: v for k, v in dataclasses.asdict(CORPUS).items() if k != "path" and k not in later}
     payload = {"version": STORE_VERSION, "fingerprint": corpus_fingerprint(CORPUS), "corpus": corpus_settings,
                "chunks": {"chunk_tokens": 64, "vocab_size": VOCAB, "min_frequency": 2}}

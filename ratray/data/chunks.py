@@ -58,6 +58,9 @@ from ratray.data.tokenizer import LMTokenizer, WordPieceTokenizer, load_tokenize
 STORE_VERSION = 1
 DOC_BATCH = 128  # documents tokenized (and written as one row group) at a time
 SPLITS = ("train", "val", "db")  # db: in the retrieval database only, never trained on
+# corpus fields added after stores existed, with their defaults: left out of the key at the default,
+# so a store built before them keeps its key
+LATER_CORPUS_FIELDS = {"db_fraction": 0.0, "versions": 0, "version_edits": True}
 
 SCHEMA = pa.schema([
     ("chunk_id", pa.int64()),
@@ -88,11 +91,9 @@ def chunk_store_key(corpus: CorpusConfig, chunks: ChunkConfig, fingerprint: str 
     count (see `_key_chunk_settings`).
     """
     settings = _settings(corpus, chunks)
-    unset_new = ("db_fraction", "versions")  # at 0, stores built before they existed keep their key
     payload = {"version": STORE_VERSION, "fingerprint": fingerprint or corpus_fingerprint(corpus),
                "corpus": {k: v for k, v in settings["corpus"].items()
-                          if k != "path" and not (k in unset_new and not v)
-                          and not (k == "version_edits" and v)},
+                          if k != "path" and LATER_CORPUS_FIELDS.get(k, object()) != v},
                "chunks": _key_chunk_settings(chunks)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 

@@ -24,7 +24,8 @@ def make_trainer(train_fn, loop_config: dict, t, workdir: str):
         run_config=RunConfig(name=t.run_name, storage_path=Workdir(workdir).ray_results(t.storage_path),
                              failure_config=FailureConfig(max_failures=t.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
-                             # Ray Train's own INFO lines (one per report) drown the progress lines
+                             # Ray Train's INFO lines off the console (its per-report line is
+                             # logged under a file path, past this: train/worker.quiet_libraries)
                              logging_config=LoggingConfig(log_level="WARNING")),
     )
 
