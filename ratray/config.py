@@ -122,6 +122,9 @@ class ServiceConfig:
     num_cpus: float = 0.0  # CPUs each shard actor reserves: never a whole core (training must run)
     max_concurrency: int = 8  # concurrent searches per shard actor (FAISS releases the GIL)
     omp_threads: int = 0  # FAISS threads per actor; 0 = the node's cores divided among the shards
+    # scheduling niceness of the search threads (0-19): > 0 lets training workers on the same node
+    # run first, searches (prefetched a step ahead) fill their idle time; 0 = equal priority
+    nice: int = 0
     # custom Ray resources each shard actor requests, e.g. {"index_node": 0.01}: only nodes that
     # advertise them (a KubeRay index worker group) host shards. {} = any node
     resources: dict = field(default_factory=dict)
@@ -136,6 +139,7 @@ class ServiceConfig:
             for k, v in self.resources.items()), "service.resources",
             "must map resource names to positive amounts, e.g. {index_node: 0.01}")
         check(self.max_concurrency > 0, "service.max_concurrency", "must be > 0")
+        check(0 <= self.nice <= 19, "service.nice", "must be in [0, 19]")
 
 
 @dataclass

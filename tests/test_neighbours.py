@@ -95,8 +95,9 @@ def test_neighbour_values_are_chunk_plus_continuation(env):
 
 
 def test_widening_searches_are_counted_and_still_exact(env):
-    """Excluding most of the database leaves the first request short: search_filtered widens
-    synchronously, counts it in `stats`, and still returns the nearest admissible chunks."""
+    """A first request too small for the filter (here: handed in, 4 candidates while excluding all
+    database documents but one) leaves rows short: search_filtered widens synchronously, counts it
+    in `stats`, and still returns the nearest admissible chunks."""
     from ratray.index.filtered import DocCodes, search_filtered
 
     store, index, vectors = env
@@ -107,9 +108,33 @@ def test_widening_searches_are_counted_and_still_exact(env):
     q = vectors[db[:4]]
     exclude = np.tile(codes[codes != keep], (len(q), 1))
     stats: dict = {}
-    ids, _ = search_filtered(index, q, exclude, docs, 2, stats=stats)
+    ids, _ = search_filtered(index, q, exclude, docs, 2, first=index.search(q, 4), stats=stats)
     assert stats["widen_searches"] >= 1 and stats["widened_rows"] >= len(q)
     admissible = db[docs.of_chunk[db] == keep]
     _, pos = exact_search(vectors[db], q, len(db), "l2")
     for j in range(len(q)):
         assert ids[j].tolist() == [c for c in db[pos[j]] if c in set(admissible)][:2]
+
+
+def test_first_request_covers_the_excluded_documents_chunks_so_no_widening(env):
+    """The first request is sized from the chunk counts of each row's excluded documents (not their
+    number): excluding a query's own many-chunk documents needs no second search, and the answer is
+    still the exact admissible top-k."""
+    from ratray.index.filtered import DocCodes, first_request, search_filtered
+
+    store, index, vectors = env
+    docs = DocCodes(store)
+    db = store.split_ids("train")
+    big = np.argsort(np.bincount(docs.of_chunk[db]))[::-1][:2]  # the database's two longest documents
+    assert docs.chunks[big].min() > 4
+    q = vectors[db[np.isin(docs.of_chunk[db], big)][:6]]  # queries from inside them
+    exclude = np.tile(np.array([big[0], big[1], big[0], -1]), (len(q), 1))  # repeats and -1 ignored
+    assert (docs.excluded_chunks(exclude) == docs.chunks[big].sum()).all()
+    assert first_request(len(db), 2, docs.excluded_chunks(exclude)) == min(len(db), 4 + docs.chunks[big].sum())
+    stats: dict = {}
+    ids, _ = search_filtered(index, q, exclude, docs, 2, stats=stats)
+    assert stats.get("widen_searches", 0) == 0
+    admissible = set(db[~np.isin(docs.of_chunk[db], big)])
+    _, pos = exact_search(vectors[db], q, len(db), "l2")
+    for j in range(len(q)):
+        assert ids[j].tolist() == [c for c in db[pos[j]] if c in admissible][:2]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -81,6 +82,29 @@ def test_num_cpus_reaches_the_actors(ray_session, data, tmp_path):
         assert ray.available_resources().get("CPU", 0) == pytest.approx(before - 0.5)
     finally:
         index.shutdown()
+
+
+def test_niced_shards_search_at_lower_priority_and_answer_the_same(ray_session, data, tmp_path):
+    """service.nice lowers the priority of the threads that search (so co-located training runs
+    first); the answers do not change."""
+    x, ids, q = data
+    build_index(x[:500], ids[:500], tmp_path / "i", IndexConfig(factory="Flat", shards=2), "t")
+    plain = ShardedIndex.launch(str(tmp_path / "i"), ServiceConfig(name="plain", namespace=NS))
+    niced = ShardedIndex.launch(str(tmp_path / "i"), ServiceConfig(name="niced", namespace=NS, nice=7))
+    try:
+        want, got = plain.search(q[:16], 5), niced.search(q[:16], 5)
+        assert np.array_equal(want.ids, got.ids)
+        for inf in niced.info():
+            assert inf["nice"] == 7
+            nices = set()
+            for stat in Path(f"/proc/{inf['pid']}/task").glob("*/stat"):
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                nices.add(int(fields[16]))  # field 19 of stat: nice
+            assert 7 in nices and 0 in nices  # the search thread niced, the actor's others not
+        assert {inf["nice"] for inf in plain.info()} == {0}
+    finally:
+        plain.shutdown()
+        niced.shutdown()
 
 
 def test_bad_queries_and_k_are_clear_errors(flat_l2, data, ray_session):

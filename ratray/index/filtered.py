@@ -3,6 +3,9 @@
     queries (q d) ─ ShardedIndex.search(q, K) ─ drop candidates of excluded documents ─ first k
         ─ rows left short (fewer than k admissible) searched again with 4x more candidates
 
+The first request K covers every chunk of the excluded documents (k * factor + their chunk count),
+so the filter can only leave a row short when an approximate index returns fewer than K results.
+
 Documents are dense int codes (`DocCodes`), so the filter is vectorised numpy.
 """
 from __future__ import annotations
@@ -11,7 +14,7 @@ import numpy as np
 
 from ratray.data.chunks import ChunkStore
 
-CANDIDATE_FACTOR = 2  # default first request: k * factor + (excluded documents per row) candidates
+CANDIDATE_FACTOR = 2  # first request: k * factor + (chunks of the row's excluded documents)
 
 
 class DocCodes:
@@ -21,6 +24,17 @@ class DocCodes:
         doc = store.doc_ids(np.arange(len(store)))
         _, codes = np.unique(doc.astype(str), return_inverse=True)
         self.of_chunk = codes.astype(np.int64)  # (N,)
+        self.chunks = np.bincount(self.of_chunk)  # (D,) chunks per document
+
+    def excluded_chunks(self, exclude: np.ndarray) -> np.ndarray:
+        """exclude (q, E) doc codes, -1 and repeats allowed → (q,) chunks in each row's distinct
+        excluded documents (an upper bound on the candidates the filter can drop)."""
+        if exclude.size == 0:
+            return np.zeros(len(exclude), np.int64)
+        e = np.sort(exclude, axis=1)
+        first = np.ones(e.shape, bool)
+        first[:, 1:] = e[:, 1:] != e[:, :-1]
+        return np.where(first & (e >= 0), self.chunks[np.maximum(e, 0)], 0).sum(1)
 
     def of(self, ids: np.ndarray) -> np.ndarray:
         """Chunk ids (any shape, -1 allowed) → doc codes, -1 for empty slots."""
@@ -47,9 +61,10 @@ def filter_candidates(cand: np.ndarray, dist: np.ndarray, exclude: np.ndarray, d
     return ids, d, miss.any(1)
 
 
-def first_request(ntotal: int, k: int, n_excluded: int) -> int:
-    """Candidates asked for first: enough that the filter rarely leaves a row short."""
-    return min(ntotal, k * CANDIDATE_FACTOR + n_excluded)
+def first_request(ntotal: int, k: int, excluded_chunks) -> int:
+    """Candidates asked for first: k * CANDIDATE_FACTOR beyond every chunk the filter could drop
+    (`excluded_chunks`: per row, from `DocCodes.excluded_chunks`; the largest row sets K)."""
+    return int(min(ntotal, k * CANDIDATE_FACTOR + int(np.max(excluded_chunks, initial=0))))
 
 
 def search_filtered(index, queries: np.ndarray, exclude: np.ndarray, docs: DocCodes, k: int,
@@ -61,7 +76,7 @@ def search_filtered(index, queries: np.ndarray, exclude: np.ndarray, docs: DocCo
     the filter forced (they are not prefetched, so they cost the caller their whole latency).
     """
     ntotal = index.ntotal
-    K = first_request(ntotal, k, exclude.shape[1])
+    K = first_request(ntotal, k, docs.excluded_chunks(exclude))
     res = first if first is not None else index.search(queries, K)
     ids, d, short = filter_candidates(res.ids, res.distances, exclude, docs, k)
     K = res.ids.shape[1]

@@ -92,8 +92,10 @@ class IndexShard:
     the shard of the serving version from disk, so a restarted actor serves what was committed.
     """
 
-    def __init__(self, index_dir: str, shard: int, omp_threads: int = 0, use_gpu: bool = False):
-        self.index_dir, self.shard, self.use_gpu = index_dir, shard, use_gpu
+    def __init__(self, index_dir: str, shard: int, omp_threads: int = 0, use_gpu: bool = False,
+                 nice: int = 0):
+        self.index_dir, self.shard, self.use_gpu, self.nice = index_dir, shard, use_gpu, nice
+        self._thread = threading.local()  # per search thread: niceness applied
         self.gpu_note = "not requested (service.num_gpus = 0)"
         self._serving = self._load(str(serving_dir(index_dir)))
         self.manifest = self._serving.manifest
@@ -152,6 +154,11 @@ class IndexShard:
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         t0 = time.perf_counter()
+        if self.nice and not getattr(self._thread, "niced", False):
+            # Linux niceness is per thread; FAISS's OpenMP threads, started later by this thread,
+            # inherit it
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.nice)
+            self._thread.niced = True
         configure_faiss(self.omp_threads)  # OpenMP thread counts are per calling thread
         D, I = search_topk(use.index, use.ids, q, k, use.manifest.metric, vectors=use.vectors,
                            exact_ties=use.exact_ties)
@@ -212,7 +219,8 @@ class IndexShard:
                 "previous_version": self._previous.version if self._previous else None,
                 "size": int(cur.index.ntotal), "ntotal": m.ntotal, "factory": m.factory,
                 "metric": m.metric, "dim": m.dim, "nprobe": m.nprobe, "ef_search": m.ef_search,
-                "exact_ties": cur.exact_ties, "omp_threads": self.omp_threads, "gpu": self.gpu_note,
+                "exact_ties": cur.exact_ties, "omp_threads": self.omp_threads, "nice": self.nice,
+                "gpu": self.gpu_note,
                 "index_dir": self.index_dir, "serving_dir": cur.path, "pid": os.getpid(),
                 "started": self.started, "searches": self.searches, "queries": self.queries,
                 "search_s": round(self.search_s, 4), "swaps": self.swaps, "pinned": self.pinned}
@@ -344,7 +352,7 @@ class ShardedIndex:
                                     resources=dict(svc.resources) or None,
                                     num_gpus=svc.num_gpus or None,
                                     max_restarts=-1, max_task_retries=-1)
-                  .remote(index_dir, i, svc.omp_threads, svc.num_gpus > 0)
+                  .remote(index_dir, i, svc.omp_threads, svc.num_gpus > 0, svc.nice)
                   for i in range(manifest.num_shards)]
         try:
             infos = ray.get([a.info.remote() for a in actors], timeout=timeout)

@@ -22,7 +22,7 @@ from ratray.eval.metrics import REALM_SUMS, realm_rates
 from ratray.realm.config import RealmJobConfig
 from ratray.train.worker import TrainWorker, allreduce_sum
 
-CANDIDATE_MARGIN = 8  # extra candidates asked for, so the source-document filter rarely runs short
+CANDIDATE_MARGIN = 8  # candidates asked for beyond k-1 and the source document's own blocks
 
 
 class Candidates:
@@ -34,13 +34,14 @@ class Candidates:
         self.store, self.index, self.queries = store, index, queries
         self.k1, self.chunk_tokens = k - 1, chunk_tokens
         self.docs = DocCodes(store)
-        self.K = min(index.ntotal, self.k1 + CANDIDATE_MARGIN)
         self.wait_s, self.requests, self.versions = 0.0, 0, []
 
     def request(self, sel: np.ndarray, embed) -> tuple:
         """sel: rows of `queries`; embed: ids (b q) -> (b p) numpy (the current query tower)."""
         e = embed(self.queries.ids[sel])
-        return sel, e, self.index.search_async(e, self.K)
+        src = self.docs.of(self.queries.block_ids[sel])[:, None]  # (b 1): the source document
+        K = min(self.index.ntotal, self.k1 + CANDIDATE_MARGIN + int(self.docs.excluded_chunks(src).max(initial=0)))
+        return sel, e, self.index.search_async(e, K)
 
     def collect(self, pending: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
         """-> candidate block ids (b k-1, -1 = missing), tokens (b k-1 t), valid (b k-1), version."""

@@ -128,7 +128,7 @@ def search_layout(store: ChunkStore, index, layout: np.ndarray, k: int, vectors:
     ids = np.full((len(flat), k), -1, np.int64)
     dist = np.full((len(flat), k), np.inf, np.float32)
     live = np.flatnonzero(flat >= 0)
-    K = first_request(index.ntotal, k, layout.shape[1])
+    n_excl = docs.excluded_chunks(excl)  # (s*l,)
     starts = list(range(0, len(live), batch))
     pending: list = []  # (rows, queries, future)
     with tqdm(total=len(live), desc=desc, unit="chunk", disable=not progress) as bar:
@@ -136,6 +136,7 @@ def search_layout(store: ChunkStore, index, layout: np.ndarray, k: int, vectors:
             if s is not None:
                 rows = live[s: s + batch]
                 q = vectors[flat[rows]]
+                K = first_request(index.ntotal, k, n_excl[rows])
                 pending.append((rows, q, index.search_async(q, K)))
             if len(pending) > in_flight or (s is None and pending):
                 rows, q, fut = pending.pop(0)
@@ -182,13 +183,14 @@ class NeighbourFetcher:
         self.store, self.index, self.layout, self.k, self.vectors = store, index, layout, k, vectors
         self.docs = DocCodes(store)
         self.excl = excluded_docs(layout, self.docs).reshape(*layout.shape, -1)
-        self.K = first_request(index.ntotal, k, layout.shape[1])
+        self.excl_chunks = self.docs.excluded_chunks(self.excl[:, 0])  # (s,) per sequence
         self.stats: dict = {}  # widen_searches, widened_rows (search_filtered)
 
     def request(self, seq_idx: np.ndarray) -> "_Pending":
         flat = self.layout[seq_idx].reshape(-1)
         q = self.vectors[flat]
-        return _Pending(self, seq_idx, q, self.index.search_async(q, self.K), time.perf_counter())
+        K = first_request(self.index.ntotal, self.k, self.excl_chunks[seq_idx])
+        return _Pending(self, seq_idx, q, self.index.search_async(q, K), time.perf_counter())
 
 
 class _Pending:
