@@ -105,10 +105,14 @@ class IndexConfig:
     ef_search: int = 64  # HNSW efSearch
     train_size: int = 50_000  # vectors sampled once to train IVF/PQ quantizers
     recall_queries: int = 200  # queries sampled to measure ANN recall@10 against exact search
+    # IVF-PQ (l2) lookup tables: on (precomputed per list, nlist x M x 256 floats per shard) |
+    # off (computed per probe) | auto (whichever searched faster, timed at build)
+    pq_tables: str = "auto"
     seed: int = 0
 
     def __post_init__(self) -> None:
         check(self.shards > 0, "index.shards", "must be > 0")
+        check(self.pq_tables in ("auto", "on", "off"), "index.pq_tables", "must be auto|on|off")
         check(self.metric in ("l2", "ip"), "index.metric", "must be l2|ip")
         check(self.nprobe >= 0, "index.nprobe", "must be >= 0")
         check(self.train_size > 0, "index.train_size", "must be > 0")

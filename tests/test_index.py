@@ -281,18 +281,18 @@ def pq_data():
     return x[:10_000], chunk_ids(10_000), x[10_000:]  # database, ids, held-out queries
 
 
-def _pq_shards(tmp_path, x, ids, metric="l2", shards=2, name="pq"):
-    m = build_index(x, ids, tmp_path / name, IndexConfig(factory="IVF64,PQ48", nprobe=8,
-                                                          shards=shards, metric=metric), "test")
+def _pq_shards(tmp_path, x, ids, metric="l2", shards=2, name="pq", pq_tables="off"):
+    m = build_index(x, ids, tmp_path / name, IndexConfig(factory="IVF64,PQ48", nprobe=8, shards=shards,
+                                                          metric=metric, pq_tables=pq_tables), "test")
     assert m.factory == "IVF64,PQ48"
     return [load_shard(tmp_path / name, i, m) for i in range(m.num_shards)], m
 
 
-@pytest.mark.parametrize("metric", ["l2", "ip"])
-def test_ivfpq_top_k_does_not_depend_on_batch_or_sharding(tmp_path, pq_data, metric):
+@pytest.mark.parametrize("metric, pq_tables", [("l2", "off"), ("l2", "on"), ("ip", "off")])
+def test_ivfpq_top_k_does_not_depend_on_batch_or_sharding(tmp_path, pq_data, metric, pq_tables):
     x, ids, q = pq_data
-    two, m2 = _pq_shards(tmp_path, x, ids, metric, 2, "two")
-    one, _ = _pq_shards(tmp_path, x, ids, metric, 1, "one")
+    two, m2 = _pq_shards(tmp_path, x, ids, metric, 2, "two", pq_tables)
+    one, _ = _pq_shards(tmp_path, x, ids, metric, 1, "one", pq_tables)
     assert m2.extra["shard_split"] == "ivf_lists"
     D, I = search_shards(two, q, 10, metric)
     D1, I1 = search_shards(one, q, 10, metric)
@@ -320,6 +320,47 @@ def test_ivfpq_top_k_does_not_depend_on_batch_or_sharding(tmp_path, pq_data, met
         halves.append((part, ids[rows]))
     Dr, Ir = search_shards(halves, q, 10, metric)
     assert np.array_equal(Ir, I) and np.array_equal(Dr, D)
+
+
+def test_pq_lookup_tables_are_timed_at_build_and_applied_at_load(tmp_path, pq_data):
+    """index.pq_tables=auto times IVF-PQ search with and without precomputed lookup tables, records
+    both and the choice in the manifest, and every load applies it; off frees the tables (nlist x
+    M x 256 floats per shard); on and off find the same neighbours."""
+    x, ids, q = pq_data
+    auto, m = _pq_shards(tmp_path, x, ids, pq_tables="auto", name="auto")
+    choice = m.extra["pq_tables_choice"]
+    assert choice["search_ms_with_tables"] > 0 and choice["search_ms_without_tables"] > 0
+    assert m.extra["pq_tables"] == (choice["search_ms_with_tables"] < choice["search_ms_without_tables"])
+    for index, _ in auto:
+        assert faiss.downcast_index(index).use_precomputed_table == (1 if m.extra["pq_tables"] else -1)
+    off, m_off = _pq_shards(tmp_path, x, ids, pq_tables="off", name="off")
+    on, m_on = _pq_shards(tmp_path, x, ids, pq_tables="on", name="on")
+    assert m_off.extra["pq_tables"] is False and m_on.extra["pq_tables"] is True
+    for (i_off, _), (i_on, _) in zip(off, on):
+        ivf_off, ivf_on = faiss.downcast_index(i_off), faiss.downcast_index(i_on)
+        assert ivf_off.use_precomputed_table == -1 and ivf_off.precomputed_table.size() == 0
+        assert ivf_on.use_precomputed_table == 1 and ivf_on.precomputed_table.size() == 64 * 48 * 256
+    _, I_off = search_shards(off, q, 10, "l2")
+    _, I_on = search_shards(on, q, 10, "l2")
+    assert (I_off == I_on).mean() > 0.99  # the same codes; float sums differ only in the last bits
+
+
+def test_faiss_blas_runs_this_cpus_kernels():
+    """faiss-cpu's bundled OpenBLAS predates this CPU and would fall back to SSE3 kernels;
+    ratray.index sets OPENBLAS_CORETYPE from /proc/cpuinfo before faiss loads."""
+    from threadpoolctl import threadpool_info
+
+    from ratray.index import openblas_coretype
+
+    assert openblas_coretype("flags\t: fpu sse2 avx avx2 fma avx512f avx512bw avx512vl avx512dq avx512cd\n") == "SkylakeX"
+    assert openblas_coretype("flags\t: fpu sse2 avx avx2 fma\n") == "Haswell"
+    assert openblas_coretype("flags\t: fpu sse2 sse4_2\n") is None
+    want = openblas_coretype()
+    if want is None:
+        pytest.skip("CPU without AVX2: OpenBLAS's own detection stands")
+    archs = {i["architecture"] for i in threadpool_info()
+             if i.get("internal_api") == "openblas" and "faiss" in i["filepath"]}
+    assert archs == {want}
 
 
 @pytest.mark.parametrize("metric", ["l2", "ip"])

@@ -32,6 +32,27 @@ def configure_faiss(omp_threads: int = 0) -> None:
 configure_faiss()
 
 
+def residual_ivfpq(index: faiss.Index):
+    """The IndexIVFPQ inside `index` whose L2 search can use precomputed lookup tables (by
+    residual, L2), else None."""
+    ivf = faiss.try_extract_index_ivf(index)
+    ivf = faiss.downcast_index(ivf) if ivf is not None else None
+    if isinstance(ivf, faiss.IndexIVFPQ) and ivf.by_residual and ivf.metric_type == faiss.METRIC_L2:
+        return ivf
+    return None
+
+
+def set_pq_tables(index: faiss.Index, on: bool) -> None:
+    """IVF-PQ lookup tables: precomputed per list (nlist x M x 256 floats, streamed from memory at
+    every probe) or computed per probe from the query's residual; no-op for other indexes.
+    Which is faster depends on M, the cores and memory bandwidth: the build times both."""
+    ivf = residual_ivfpq(index)
+    if ivf is None:
+        return
+    ivf.use_precomputed_table = 1 if on else -1
+    ivf.precompute_table()  # builds the tables, or (-1) frees them
+
+
 def faiss_metric(metric: str) -> int:
     if metric == "l2":
         return faiss.METRIC_L2

@@ -20,7 +20,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from ratray.index.factory import IndexBuildError, faiss_message, set_search_params
+from ratray.index.factory import IndexBuildError, faiss_message, set_pq_tables, set_search_params
 from ratray.index.search import enable_reconstruct
 
 MANIFEST = "manifest.json"
@@ -96,8 +96,10 @@ def load_shard(index_dir: str | Path, i: int, manifest: Manifest | None = None,
     for p in (index_path, ids_path):
         if not p.is_file():
             raise IndexBuildError(f"shard {i}: missing file {p}")
+    tables = m.extra.get("pq_tables")  # False: IVF-PQ lookup tables per probe (build.py)
     try:
-        index = faiss.read_index(str(index_path))
+        index = faiss.read_index(str(index_path),
+                                 faiss.IO_FLAG_SKIP_PRECOMPUTE_TABLE if tables is False else 0)
     except RuntimeError as e:
         raise IndexBuildError(f"{index_path}: not a readable FAISS index ({faiss_message(e)})"
                               ) from None
@@ -111,6 +113,8 @@ def load_shard(index_dir: str | Path, i: int, manifest: Manifest | None = None,
         raise IndexBuildError(f"{index_path}: {index.ntotal} vectors, {len(ids)} ids in "
                               f"{ids_path.name}, manifest says {entry['size']}")
     set_search_params(index, m.nprobe, m.ef_search)
+    if tables is False:
+        set_pq_tables(index, False)
     if reconstruct:
         enable_reconstruct(index)
     return index, ids.astype(np.int64, copy=False)
