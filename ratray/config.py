@@ -129,6 +129,9 @@ class ServiceConfig:
     # scheduling niceness of the search threads (0-19): > 0 lets training workers on the same node
     # run first, searches (prefetched a step ahead) fill their idle time; 0 = equal priority
     nice: int = 0
+    # how searches reach the shards: socket (a direct TCP channel per shard, opened by the actor on
+    # its node's address; Ray calls where it breaks) | ray (every search a Ray actor call)
+    transport: str = "socket"
     # custom Ray resources each shard actor requests, e.g. {"index_node": 0.01}: only nodes that
     # advertise them (a KubeRay index worker group) host shards. {} = any node
     resources: dict = field(default_factory=dict)
@@ -144,6 +147,7 @@ class ServiceConfig:
             "must map resource names to positive amounts, e.g. {index_node: 0.01}")
         check(self.max_concurrency > 0, "service.max_concurrency", "must be > 0")
         check(0 <= self.nice <= 19, "service.nice", "must be in [0, 19]")
+        check(self.transport in ("socket", "ray"), "service.transport", "must be socket|ray")
 
 
 @dataclass

@@ -107,6 +107,26 @@ def test_niced_shards_search_at_lower_priority_and_answer_the_same(ray_session, 
         niced.shutdown()
 
 
+def test_socket_channels_and_ray_calls_give_the_same_answers(flat_l2, ray_session, data, tmp_path):
+    """service.transport=socket (the default) searches over one TCP channel per shard, opened on
+    the actor's node address; transport=ray makes every search a Ray actor call. Same answers."""
+    x, ids, q = data
+    assert all(inf["address"] is not None for inf in flat_l2.info())
+    flat_l2.search(q[:4], 3)
+    assert all(c is not None and c.broken is None for c in flat_l2._conns)
+    build_index(x, ids, tmp_path / "i", IndexConfig(factory="Flat", shards=3), "t")
+    via_ray = ShardedIndex.launch(str(tmp_path / "i"), ServiceConfig(name="via-ray", namespace=NS,
+                                                                     transport="ray"))
+    try:
+        assert all(inf["address"] is None for inf in via_ray.info())
+        for batch in (q[:1], q[:8], q):
+            a, b = flat_l2.search(batch, 10), via_ray.search(batch, 10)
+            assert np.array_equal(a.ids, b.ids) and np.array_equal(a.distances, b.distances)
+        assert via_ray._conns == [None, None, None]
+    finally:
+        via_ray.shutdown()
+
+
 def test_bad_queries_and_k_are_clear_errors(flat_l2, data, ray_session):
     _, _, q = data
     with pytest.raises(ValueError, match="shape"):
@@ -128,6 +148,13 @@ def test_killed_shard_comes_back_with_its_shard(flat_l2, data, ray_session):
     np.testing.assert_array_equal(after.distances, before.distances)
     info = flat_l2.info()[1]
     assert info["pid"] != pid and info["size"] == 2_000 and info["shard"] == 1
+    # the old channel breaks (answered through Ray meanwhile); the restarted actor opened a new
+    # one, which the client learns from it and searches over from then on
+    for _ in range(2):
+        again = flat_l2.search(q, 10)
+        assert np.array_equal(again.ids, before.ids)
+    conn = flat_l2._conns[1]
+    assert conn is not None and conn.broken is None and list(conn.address) == info["address"]
 
 
 def test_search_async_returns_before_the_answer(flat_l2, data):

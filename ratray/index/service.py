@@ -1,8 +1,13 @@
 """The index served by Ray actors: one `IndexShard` actor per shard, a `ShardedIndex` client.
 
-    queries (b, d) ─ ray.put once ─┬─► IndexShard 0 .search(ref, k) ─► (b, k) dists, chunk ids ─┐
-                                   ├─► IndexShard 1 ...                                          ├─ merge_topk ─► (b, k)
-                                   └─► IndexShard S-1 ...                                        ┘
+    queries (b, d) ─ socket channel ─┬─► IndexShard 0 search ─► (b, k) dists, chunk ids ─┐
+                     (or a Ray call) ├─► IndexShard 1 ...                                  ├─ merge_topk ─► (b, k)
+                                     └─► IndexShard S-1 ...                                ┘
+
+- Ray places, names, restarts and hot-swaps the actors; the search bytes travel over a direct TCP
+  channel per shard (`wire.py`, `service.transport=socket`, the default): a Ray actor call costs
+  ~1.5 ms per actor here, more than FAISS needs for a few queries. Where a channel is missing or
+  breaks (a restarting actor), the shard is asked through a Ray call instead, which Ray retries.
 
 - Actors are named `<name>-shard-<i>` in an explicit namespace, so Ray Train workers (or any
   process of the cluster) find them with `ShardedIndex.connect(name, namespace)`.
@@ -93,7 +98,7 @@ class IndexShard:
     """
 
     def __init__(self, index_dir: str, shard: int, omp_threads: int = 0, use_gpu: bool = False,
-                 nice: int = 0):
+                 nice: int = 0, transport: str = "socket"):
         self.index_dir, self.shard, self.use_gpu, self.nice = index_dir, shard, use_gpu, nice
         self._thread = threading.local()  # per search thread: niceness applied
         self.gpu_note = "not requested (service.num_gpus = 0)"
@@ -111,6 +116,11 @@ class IndexShard:
         self.swaps, self.pinned = 0, 0  # commits; searches that asked for a non-serving version
         self._lock = threading.Lock()  # counters (searches run on several threads at once)
         self._swap_lock = threading.Lock()  # prepare / commit / abort
+        self._server = None  # the direct search channel (wire.py), when transport = socket
+        if transport == "socket":
+            from ratray.index.wire import ShardServer
+
+            self._server = ShardServer(ray.util.get_node_ip_address(), self._search)
 
     def _load(self, path: str) -> _Loaded:
         manifest = load_manifest(path)
@@ -143,7 +153,11 @@ class IndexShard:
         go through the object store: 1.7-3.4 ms more per call, measured with no-work actors).
         k' = min(k, shard size); the client merges shards of different sizes. `version` asks for
         a version this shard holds besides the serving one (prepared or previous); otherwise the
-        serving version answers (and says so)."""
+        serving version answers (and says so). The socket channel (wire.py) calls the same."""
+        return self._search(queries, k, version)
+
+    def _search(self, queries: np.ndarray, k: int, version: int | None = None
+                ) -> tuple[np.ndarray, np.ndarray, int]:
         use = self._serving  # one read: a concurrent commit cannot change it under this search
         if version is not None and version != use.version:
             for other in (self._staged, self._previous):
@@ -220,6 +234,7 @@ class IndexShard:
                 "size": int(cur.index.ntotal), "ntotal": m.ntotal, "factory": m.factory,
                 "metric": m.metric, "dim": m.dim, "nprobe": m.nprobe, "ef_search": m.ef_search,
                 "exact_ties": cur.exact_ties, "omp_threads": self.omp_threads, "nice": self.nice,
+                "address": list(self._server.address) if self._server else None,
                 "gpu": self.gpu_note,
                 "index_dir": self.index_dir, "serving_dir": cur.path, "pid": os.getpid(),
                 "started": self.started, "searches": self.searches, "queries": self.queries,
@@ -251,62 +266,79 @@ class SearchFuture:
     """An in-flight fan-out. `.result(timeout)`, `.done()`, or `await fut` inside async code.
 
     Lets a training loop ask for the next batch's neighbours while the current batch computes.
+    Each shard is asked over its socket channel where it has one (wire.py), else (or when the
+    channel breaks, e.g. the actor restarted) by a Ray actor call, which Ray retries.
     """
 
-    def __init__(self, actors: list, qref, k: int, metric: str):
-        self._actors, self._qref, self._k, self._metric = actors, qref, k, metric
-        self._refs = self._ask(range(len(actors)), None)  # 3 refs per shard: D, I, version
+    def __init__(self, index: "ShardedIndex", queries: np.ndarray, k: int):
+        self._index, self._q, self._k = index, queries, k
+        self._qref = None  # the queries in the object store, once a Ray call needs them
+        self._asked: list = [self._ask(i, None) for i in range(index.num_shards)]
         self._result: SearchResult | None = None
         self.reasked = 0  # shards re-asked because the fan-out straddled a swap
 
-    def _ask(self, shards, version: int | None) -> list:
-        return [r for i in shards for r in self._actors[i].search.remote(self._qref, self._k, version)]
+    def _ray_queries(self):
+        if self._qref is None:  # a big batch goes into the object store once, for every shard
+            self._qref = ray.put(self._q) if self._q.nbytes >= INLINE_QUERY_BYTES else self._q
+        return self._qref
 
-    @staticmethod
-    def _parts(flat: list) -> list:
-        return [tuple(flat[i: i + 3]) for i in range(0, len(flat), 3)]  # (D, I, version) per shard
+    def _ask(self, i: int, version: int | None):
+        """("wire", connection, seq, version) or ("ray", [D, I, version refs], version)."""
+        conn = self._index._connection(i)
+        if conn is not None:
+            try:
+                return ("wire", conn, conn.send(self._q, self._k, version), version)
+            except ConnectionError:
+                self._index._drop_connection(i, conn)
+        return self._ask_ray(i, version)
+
+    def _ask_ray(self, i: int, version: int | None):
+        return ("ray", self._index.actors[i].search.remote(self._ray_queries(), self._k, version),
+                version)
+
+    def _answer(self, i: int, asked, timeout: float | None) -> tuple:
+        if asked[0] == "wire":
+            try:
+                return asked[1].reply(asked[2])
+            except ConnectionError:  # the actor died or restarted: ask it through Ray
+                self._index._drop_connection(i, asked[1])
+                asked = self._ask_ray(i, asked[3])
+        return tuple(ray.get(asked[1], timeout=timeout))
 
     def done(self) -> bool:
         if self._result is not None:
             return True
-        ready, _ = ray.wait(self._refs, num_returns=len(self._refs), timeout=0, fetch_local=False)
-        return len(ready) == len(self._refs)
-
-    def _lagging(self, parts: list) -> tuple[int, list[int]]:
-        newest = max(int(p[2]) for p in parts)
-        return newest, [i for i, p in enumerate(parts) if int(p[2]) != newest]
-
-    def _merge(self, parts: list) -> SearchResult:
-        versions = sorted({int(p[2]) for p in parts})
-        if len(versions) != 1:
-            raise ShardVersionError(f"shards answered from different index versions {versions}")
-        D, I = merge_topk([p[0] for p in parts], [p[1] for p in parts], self._k, self._metric)
-        self._result, self._refs = SearchResult(D, I, versions[0]), []
-        return self._result
+        for asked in self._asked:
+            if asked[0] == "wire" and not asked[1].ready():
+                return False
+            if asked[0] == "ray":
+                ready, _ = ray.wait(asked[1], num_returns=3, timeout=0, fetch_local=False)
+                if len(ready) < 3:
+                    return False
+        return True
 
     def result(self, timeout: float | None = None) -> SearchResult:
         if self._result is None:
-            parts = self._parts(ray.get(self._refs, timeout=timeout))
-            newest, lag = self._lagging(parts)
+            parts = [self._answer(i, a, timeout) for i, a in enumerate(self._asked)]
+            newest = max(int(p[2]) for p in parts)
+            lag = [i for i, p in enumerate(parts) if int(p[2]) != newest]
             if lag:  # the fan-out straddled a commit: the lagging shards hold `newest` prepared
                 self.reasked += len(lag)
-                redo = self._parts(ray.get(self._ask(lag, newest), timeout=timeout))
-                for i, p in zip(lag, redo):
-                    parts[i] = p
-            self._merge(parts)
+                redo = [self._ask(i, newest) for i in lag]
+                for i, a in zip(lag, redo):
+                    parts[i] = self._answer(i, a, timeout)
+            versions = sorted({int(p[2]) for p in parts})
+            if len(versions) != 1:
+                raise ShardVersionError(f"shards answered from different index versions {versions}")
+            D, I = merge_topk([p[0] for p in parts], [p[1] for p in parts], self._k,
+                              self._index.metric)
+            self._result, self._asked = SearchResult(D, I, versions[0]), []
         return self._result
 
     def __await__(self):
         async def wait() -> SearchResult:
             if self._result is None:
-                parts = self._parts(list(await asyncio.gather(*self._refs)))
-                newest, lag = self._lagging(parts)
-                if lag:
-                    self.reasked += len(lag)
-                    redo = self._parts(list(await asyncio.gather(*self._ask(lag, newest))))
-                    for i, p in zip(lag, redo):
-                        parts[i] = p
-                self._merge(parts)
+                await asyncio.get_running_loop().run_in_executor(None, self.result)
             return self._result
         return wait().__await__()
 
@@ -318,10 +350,59 @@ class SearchFuture:
 class ShardedIndex:
     """Client of the shard actors: fan-out search and exact merge, sync or async."""
 
-    def __init__(self, actors: list, name: str, namespace: str, info: dict):
+    def __init__(self, actors: list, name: str, namespace: str, infos: list[dict]):
         self.actors, self.name, self.namespace = actors, name, namespace
+        info = infos[0]
         self.index_dir, self.metric, self.dim = info["index_dir"], info["metric"], info["dim"]
         self.ntotal = int(info["ntotal"])
+        self._addresses = [inf.get("address") for inf in infos]  # socket channels, None = Ray only
+        self._conns: list = [None] * len(actors)  # this process's open channels (not pickled)
+        self._conn_lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_conns"], state["_conn_lock"] = [None] * len(self.actors), None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._conn_lock = threading.Lock()
+
+    def _connection(self, i: int):
+        """This process's channel to shard i (opened on first use), or None: the shard has no
+        socket, or it cannot be reached (then Ray calls serve it)."""
+        from ratray.index.wire import Connection
+
+        with self._conn_lock:
+            conn = self._conns[i]
+            if conn is not None and conn.broken is None:
+                return conn
+            self._conns[i] = None
+            for attempt in range(2):  # the second with the address the actor advertises now
+                if self._addresses[i] is None:
+                    return None
+                try:
+                    conn = self._conns[i] = Connection(tuple(self._addresses[i]))
+                    return conn
+                except OSError:
+                    if attempt == 0:
+                        self._addresses[i] = self._refresh_address(i)
+            return None
+
+    def _refresh_address(self, i: int):
+        """Shard i's channel address as its (possibly restarted) actor advertises it now."""
+        try:
+            return ray.get(self.actors[i].info.remote(), timeout=60).get("address")
+        except Exception:  # the actor is (re)starting: keep the old one, Ray calls serve meanwhile
+            return self._addresses[i]
+
+    def _drop_connection(self, i: int, conn) -> None:
+        """A channel broke (actor killed or restarted): forget it and learn the new address."""
+        with self._conn_lock:
+            if self._conns[i] is conn:
+                self._conns[i] = None
+        conn.close()
+        self._addresses[i] = self._refresh_address(i)
 
     @property
     def num_shards(self) -> int:
@@ -352,7 +433,7 @@ class ShardedIndex:
                                     resources=dict(svc.resources) or None,
                                     num_gpus=svc.num_gpus or None,
                                     max_restarts=-1, max_task_retries=-1)
-                  .remote(index_dir, i, svc.omp_threads, svc.num_gpus > 0, svc.nice)
+                  .remote(index_dir, i, svc.omp_threads, svc.num_gpus > 0, svc.nice, svc.transport)
                   for i in range(manifest.num_shards)]
         try:
             infos = ray.get([a.info.remote() for a in actors], timeout=timeout)
@@ -364,7 +445,7 @@ class ShardedIndex:
             raise RuntimeError(f"actors {svc.namespace}/{svc.name}-shard-{stale} already serve "
                                f"another index ({infos[stale[0]]['index_dir']}): shut them down "
                                "or pick another service.name")
-        return cls(actors, svc.name, svc.namespace, infos[0])
+        return cls(actors, svc.name, svc.namespace, infos)
 
     @classmethod
     def connect(cls, name: str = "index", namespace: str = "ratray",
@@ -391,17 +472,15 @@ class ShardedIndex:
                 raise RuntimeError(f"index actor {actor_name(name, i)!r} missing in namespace "
                                    f"{namespace!r} (shard 0 says there are {info['n_shards']})"
                                    ) from None
-        return cls(actors, name, namespace, info)
+        infos = [info] + ray.get([a.info.remote() for a in actors[1:]], timeout=timeout)
+        return cls(actors, name, namespace, infos)
 
     def search_async(self, queries: np.ndarray, k: int) -> SearchFuture:
         """Start a search on every shard at once; returns immediately."""
         q = _check_queries(queries, self.dim)  # (b, d)
         if not 0 < k <= self.ntotal:
             raise ValueError(f"k={k} is out of range: the index holds {self.ntotal} vectors")
-        # a big batch goes into the object store once, read by every shard; a small one travels
-        # inline with each call (cheaper than an object-store round trip for a few queries)
-        ref = ray.put(q) if q.nbytes >= INLINE_QUERY_BYTES else q
-        return SearchFuture(self.actors, ref, k, self.metric)
+        return SearchFuture(self, q, k)
 
     def search(self, queries: np.ndarray, k: int) -> SearchResult:
         """Exact merged top-k over all shards: distances (b, k), chunk ids (b, k), version."""
@@ -438,6 +517,10 @@ class ShardedIndex:
 
     def shutdown(self) -> None:
         """Kill the shard actors (for good: no restart)."""
+        for conn in self._conns:
+            if conn is not None:
+                conn.close()
+        self._conns = [None] * len(self._conns)
         for a in self.actors:
             try:
                 ray.kill(a, no_restart=True)
