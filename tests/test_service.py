@@ -113,7 +113,7 @@ def test_socket_channels_and_ray_calls_give_the_same_answers(flat_l2, ray_sessio
     x, ids, q = data
     assert all(inf["address"] is not None for inf in flat_l2.info())
     flat_l2.search(q[:4], 3)
-    assert all(c is not None and c.broken is None for c in flat_l2._conns)
+    assert all(c is not None and c.broken is None for c in flat_l2._channels.conns)
     build_index(x, ids, tmp_path / "i", IndexConfig(factory="Flat", shards=3), "t")
     via_ray = ShardedIndex.launch(str(tmp_path / "i"), ServiceConfig(name="via-ray", namespace=NS,
                                                                      transport="ray"))
@@ -122,9 +122,24 @@ def test_socket_channels_and_ray_calls_give_the_same_answers(flat_l2, ray_sessio
         for batch in (q[:1], q[:8], q):
             a, b = flat_l2.search(batch, 10), via_ray.search(batch, 10)
             assert np.array_equal(a.ids, b.ids) and np.array_equal(a.distances, b.distances)
-        assert via_ray._conns == [None, None, None]
+        assert via_ray._channels.conns == [None, None, None]
     finally:
         via_ray.shutdown()
+
+
+def test_a_client_handed_to_a_task_opens_its_own_channels(flat_l2, ray_session, data):
+    """A pickled ShardedIndex leaves its connections behind; the task opens its own."""
+    ray = ray_session
+    _, _, q = data
+    want = flat_l2.search(q[:8], 5)
+
+    @ray.remote(num_cpus=0)
+    def search_there(index, queries):
+        res = index.search(queries, 5)
+        return res.ids, sum(c is not None for c in index._channels.conns)
+
+    ids, opened = ray.get(search_there.remote(flat_l2, q[:8]))
+    assert np.array_equal(ids, want.ids) and opened == 3
 
 
 def test_bad_queries_and_k_are_clear_errors(flat_l2, data, ray_session):
@@ -153,7 +168,7 @@ def test_killed_shard_comes_back_with_its_shard(flat_l2, data, ray_session):
     for _ in range(2):
         again = flat_l2.search(q, 10)
         assert np.array_equal(again.ids, before.ids)
-    conn = flat_l2._conns[1]
+    conn = flat_l2._channels.conns[1]
     assert conn is not None and conn.broken is None and list(conn.address) == info["address"]
 
 

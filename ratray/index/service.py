@@ -4,11 +4,9 @@
                      (or a Ray call) ├─► IndexShard 1 ...                                  ├─ merge_topk ─► (b, k)
                                      └─► IndexShard S-1 ...                                ┘
 
-- Ray places, names, restarts and hot-swaps the actors; the search bytes travel over a direct TCP
-  channel per shard (`wire.py`, `service.transport=socket`, the default): a Ray actor call costs
-  ~1.5 ms per actor here, more than FAISS needs for a few queries. Where a channel is missing or
-  breaks (a restarting actor), the shard is asked through a Ray call instead, which Ray retries.
-
+- Ray places, names, restarts and hot-swaps the actors; searches travel over a TCP channel per
+  shard (`wire.py`; a Ray call costs ~1.5 ms per actor here, more than FAISS needs for 8 queries),
+  or a Ray call where a channel is off (`service.transport=ray`) or broke (a restarting actor).
 - Actors are named `<name>-shard-<i>` in an explicit namespace, so Ray Train workers (or any
   process of the cluster) find them with `ShardedIndex.connect(name, namespace)`.
 - `max_restarts=-1` re-runs the constructor, which loads the shard from disk: a killed actor comes
@@ -17,10 +15,9 @@
 - With `service.num_gpus` > 0 each actor requests that share of a GPU and serves its shard from a
   faiss-gpu copy behind one lock (FAISS GPU indexes take one call at a time; `gpu.py`);
   without a GPU (or an index type FAISS cannot move) it serves from the CPU and `info()` says why.
-- Actors reserve `num_cpus` < 1 (0 by default): Ray Train workers that each need a CPU must never
-  be starved by index actors. FAISS releases the GIL, so a threaded actor runs concurrent searches
-  in parallel; admin calls (`info`, `ping`) have their own concurrency group and never queue
-  behind searches.
+- Actors reserve `num_cpus` < 1 (0 by default): Ray Train workers must never be starved by index
+  actors. FAISS releases the GIL, so concurrent searches run in parallel; admin calls (`info`,
+  `ping`) have their own concurrency group and never queue behind searches.
 - Every shard re-scores its candidates exactly (see `search.search_topk`), so the merged top-k does
   not depend on batch composition and exact ties come out by chunk id.
 
@@ -32,10 +29,10 @@ or a versioned one (`versions/vNNNNNN/` + `CURRENT`; the format is `store.py`'s)
     CURRENT: rewritten atomically (a shard restarted from now on loads the new version)
     commit:  every shard flips a pointer; the previous version stays loaded as a fallback
 
-Every answer carries the version that served it. A fan-out that catches the commit half-way sees
-two versions; the client then re-asks the lagging shards for the newer version, which they hold
-already (prepared), so a query is never served by two versions and never fails because of a
-swap. Versions only move forward; a failed prepare aborts on every shard and changes nothing.
+Every answer carries the version that served it. A fan-out that catches the commit half-way
+re-asks the lagging shards for the newer version (prepared: they hold it), so a query is never
+served by two versions nor fails because of a swap. Versions only move forward; a failed prepare
+aborts on every shard and changes nothing.
 """
 from __future__ import annotations
 
@@ -54,6 +51,7 @@ from ratray.config import ServiceConfig
 from ratray.index.factory import configure_faiss
 from ratray.index.search import SearchResult, enable_reconstruct, merge_topk, search_topk
 from ratray.index.store import load_manifest, load_shard, serving_dir, write_current
+from ratray.index.wire import Channels
 
 
 class ShardVersionError(RuntimeError):
@@ -139,21 +137,14 @@ class IndexShard:
                 self.gpu_note = f"GPU {gidx.device}"
         return loaded
 
-    @property
-    def version(self) -> int:
-        return self._serving.version
-
     @ray.method(concurrency_group="search", num_returns=3)
     def search(self, queries: np.ndarray, k: int, version: int | None = None
                ) -> tuple[np.ndarray, np.ndarray, int]:
-        """queries (b, d) -> distances (b, k') float32, chunk ids (b, k') int64, version.
-
-        Three separate return objects, so that each travels inline in the reply while it is
-        under Ray's 100 KiB inline limit (b = 1024, k = 10: 40 + 80 KiB; as one tuple they would
-        go through the object store: 1.7-3.4 ms more per call, measured with no-work actors).
-        k' = min(k, shard size); the client merges shards of different sizes. `version` asks for
-        a version this shard holds besides the serving one (prepared or previous); otherwise the
-        serving version answers (and says so). The socket channel (wire.py) calls the same."""
+        """queries (b, d) -> distances (b, k') float32, chunk ids (b, k') int64, version; k' =
+        min(k, shard size). Three return objects, each small enough to travel inline in Ray's reply
+        (one tuple would go through the object store: 1.7-3.4 ms more per call). `version` asks
+        for a version this shard holds besides the serving one (prepared or previous); else the
+        serving version answers (and says so). The socket channel (wire.py) calls `_search`."""
         return self._search(queries, k, version)
 
     def _search(self, queries: np.ndarray, k: int, version: int | None = None
@@ -168,11 +159,9 @@ class IndexShard:
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         t0 = time.perf_counter()
-        if self.nice and not getattr(self._thread, "niced", False):
-            # Linux niceness is per thread; FAISS's OpenMP threads, started later by this thread,
-            # inherit it
+        if self.nice and not getattr(self._thread, "niced", False):  # per thread on Linux; FAISS's
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.nice)
-            self._thread.niced = True
+            self._thread.niced = True  # OpenMP threads, started later by this one, inherit it
         configure_faiss(self.omp_threads)  # OpenMP thread counts are per calling thread
         D, I = search_topk(use.index, use.ids, q, k, use.manifest.metric, vectors=use.vectors,
                            exact_ties=use.exact_ties)
@@ -258,17 +247,10 @@ def actor_name(name: str, i: int) -> str:
     return f"{name}-shard-{i}"
 
 
-# ---------------------------------------------------------------------------------------------
-# results
-
-
 class SearchFuture:
-    """An in-flight fan-out. `.result(timeout)`, `.done()`, or `await fut` inside async code.
-
-    Lets a training loop ask for the next batch's neighbours while the current batch computes.
-    Each shard is asked over its socket channel where it has one (wire.py), else (or when the
-    channel breaks, e.g. the actor restarted) by a Ray actor call, which Ray retries.
-    """
+    """An in-flight fan-out (`.result(timeout)`, `.done()`, `await fut`): a training loop asks for
+    the next batch's neighbours while the current batch computes. Each shard is asked over its
+    socket channel (wire.py), else — or when the channel breaks — by a Ray call Ray retries."""
 
     def __init__(self, index: "ShardedIndex", queries: np.ndarray, k: int):
         self._index, self._q, self._k = index, queries, k
@@ -284,38 +266,32 @@ class SearchFuture:
 
     def _ask(self, i: int, version: int | None):
         """("wire", connection, seq, version) or ("ray", [D, I, version refs], version)."""
-        conn = self._index._connection(i)
+        conn = self._index._channels.get(i)
         if conn is not None:
             try:
                 return ("wire", conn, conn.send(self._q, self._k, version), version)
             except ConnectionError:
-                self._index._drop_connection(i, conn)
+                self._index._channels.drop(i, conn)
         return self._ask_ray(i, version)
 
     def _ask_ray(self, i: int, version: int | None):
-        return ("ray", self._index.actors[i].search.remote(self._ray_queries(), self._k, version),
-                version)
+        refs = self._index.actors[i].search.remote(self._ray_queries(), self._k, version)
+        return "ray", refs, version
 
     def _answer(self, i: int, asked, timeout: float | None) -> tuple:
         if asked[0] == "wire":
             try:
                 return asked[1].reply(asked[2])
             except ConnectionError:  # the actor died or restarted: ask it through Ray
-                self._index._drop_connection(i, asked[1])
+                self._index._channels.drop(i, asked[1])
                 asked = self._ask_ray(i, asked[3])
         return tuple(ray.get(asked[1], timeout=timeout))
 
     def done(self) -> bool:
-        if self._result is not None:
-            return True
-        for asked in self._asked:
-            if asked[0] == "wire" and not asked[1].ready():
-                return False
-            if asked[0] == "ray":
-                ready, _ = ray.wait(asked[1], num_returns=3, timeout=0, fetch_local=False)
-                if len(ready) < 3:
-                    return False
-        return True
+        return self._result is not None or all(
+            a[1].ready() if a[0] == "wire"
+            else len(ray.wait(a[1], num_returns=3, timeout=0, fetch_local=False)[0]) == 3
+            for a in self._asked)
 
     def result(self, timeout: float | None = None) -> SearchResult:
         if self._result is None:
@@ -355,54 +331,11 @@ class ShardedIndex:
         info = infos[0]
         self.index_dir, self.metric, self.dim = info["index_dir"], info["metric"], info["dim"]
         self.ntotal = int(info["ntotal"])
-        self._addresses = [inf.get("address") for inf in infos]  # socket channels, None = Ray only
-        self._conns: list = [None] * len(actors)  # this process's open channels (not pickled)
-        self._conn_lock = threading.Lock()
+        self._channels = Channels([inf.get("address") for inf in infos], self._address)  # wire.py
 
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state["_conns"], state["_conn_lock"] = [None] * len(self.actors), None
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._conn_lock = threading.Lock()
-
-    def _connection(self, i: int):
-        """This process's channel to shard i (opened on first use), or None: the shard has no
-        socket, or it cannot be reached (then Ray calls serve it)."""
-        from ratray.index.wire import Connection
-
-        with self._conn_lock:
-            conn = self._conns[i]
-            if conn is not None and conn.broken is None:
-                return conn
-            self._conns[i] = None
-            for attempt in range(2):  # the second with the address the actor advertises now
-                if self._addresses[i] is None:
-                    return None
-                try:
-                    conn = self._conns[i] = Connection(tuple(self._addresses[i]))
-                    return conn
-                except OSError:
-                    if attempt == 0:
-                        self._addresses[i] = self._refresh_address(i)
-            return None
-
-    def _refresh_address(self, i: int):
+    def _address(self, i: int):
         """Shard i's channel address as its (possibly restarted) actor advertises it now."""
-        try:
-            return ray.get(self.actors[i].info.remote(), timeout=60).get("address")
-        except Exception:  # the actor is (re)starting: keep the old one, Ray calls serve meanwhile
-            return self._addresses[i]
-
-    def _drop_connection(self, i: int, conn) -> None:
-        """A channel broke (actor killed or restarted): forget it and learn the new address."""
-        with self._conn_lock:
-            if self._conns[i] is conn:
-                self._conns[i] = None
-        conn.close()
-        self._addresses[i] = self._refresh_address(i)
+        return ray.get(self.actors[i].info.remote(), timeout=60).get("address")
 
     @property
     def num_shards(self) -> int:
@@ -517,10 +450,7 @@ class ShardedIndex:
 
     def shutdown(self) -> None:
         """Kill the shard actors (for good: no restart)."""
-        for conn in self._conns:
-            if conn is not None:
-                conn.close()
-        self._conns = [None] * len(self._conns)
+        self._channels.close()
         for a in self.actors:
             try:
                 ray.kill(a, no_restart=True)

@@ -197,3 +197,59 @@ class Connection:
             self._sock.close()
         except OSError:
             pass
+
+
+class Channels:
+    """One client process's channels to S shards: each opened on first use; one that breaks is
+    dropped and its shard's address asked again (`resolve(i)`; a restarted actor listens on a new
+    port). `get(i)` is None where a shard has no channel or cannot be reached: the caller then
+    uses another path. Pickles without its connections (they belong to one process)."""
+
+    def __init__(self, addresses: list, resolve: Callable[[int], "tuple | None"]):
+        self.addresses, self.resolve = list(addresses), resolve
+        self.conns: list[Connection | None] = [None] * len(self.addresses)
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        return {"addresses": self.addresses, "resolve": self.resolve}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["addresses"], state["resolve"])
+
+    def get(self, i: int) -> Connection | None:
+        with self._lock:
+            conn = self.conns[i]
+            if conn is not None and conn.broken is None:
+                return conn
+            self.conns[i] = None
+            for attempt in range(2):  # the second with the address the shard gives now
+                if self.addresses[i] is None:
+                    return None
+                try:
+                    self.conns[i] = Connection(tuple(self.addresses[i]))
+                    return self.conns[i]
+                except OSError:
+                    if attempt == 0:
+                        self._refresh(i)
+            return None
+
+    def drop(self, i: int, conn: Connection) -> None:
+        """`conn` broke (its actor died or restarted): forget it, learn the shard's address anew."""
+        with self._lock:
+            if self.conns[i] is conn:
+                self.conns[i] = None
+        conn.close()
+        self._refresh(i)
+
+    def _refresh(self, i: int) -> None:
+        try:
+            self.addresses[i] = self.resolve(i)
+        except Exception:  # the shard is (re)starting: keep the old address, try again next time
+            pass
+
+    def close(self) -> None:
+        for conn in self.conns:
+            if conn is not None:
+                conn.close()
+        self.conns = [None] * len(self.conns)
+
