@@ -87,7 +87,7 @@ def main() -> int:
     for r in range(a.rounds):
         res = {}
         order = modes[r % len(modes):] + modes[: r % len(modes)]  # rotated: each mode in each place
-        for i, mode in enumerate(order):
+        for mode in order:
             res[mode] = one(mode, f"bench-{tag}-r{r}-m{modes.index(mode)}", a.steps)
         res["ratio"] = {m: res[m]["median_step_s"] / res[ref]["median_step_s"] for m in modes[1:]}
         line = [f"round {r + 1} ({' -> '.join(order)}): median step " +

@@ -76,8 +76,8 @@ def search_filtered(index, queries: np.ndarray, exclude: np.ndarray, docs: DocCo
     the filter forced (they are not prefetched, so they cost the caller their whole latency).
     """
     ntotal = index.ntotal
-    K = first_request(ntotal, k, docs.excluded_chunks(exclude))
-    res = first if first is not None else index.search(queries, K)
+    res = first if first is not None else \
+        index.search(queries, first_request(ntotal, k, docs.excluded_chunks(exclude)))
     ids, d, short = filter_candidates(res.ids, res.distances, exclude, docs, k)
     K = res.ids.shape[1]
     while short.any() and K < ntotal:

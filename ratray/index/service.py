@@ -51,7 +51,7 @@ from ratray.config import ServiceConfig
 from ratray.index.factory import configure_faiss
 from ratray.index.search import SearchResult, enable_reconstruct, merge_topk, search_topk
 from ratray.index.store import load_manifest, load_shard, serving_dir, write_current
-from ratray.index.wire import Channels
+from ratray.index.wire import Channels, ShardServer
 
 
 class ShardVersionError(RuntimeError):
@@ -116,8 +116,6 @@ class IndexShard:
         self._swap_lock = threading.Lock()  # prepare / commit / abort
         self._server = None  # the direct search channel (wire.py), when transport = socket
         if transport == "socket":
-            from ratray.index.wire import ShardServer
-
             self._server = ShardServer(ray.util.get_node_ip_address(), self._search)
 
     def _load(self, path: str) -> _Loaded:

@@ -13,6 +13,7 @@ Knows nothing of FAISS or Ray.
 """
 from __future__ import annotations
 
+import select
 import socket
 import struct
 import threading
@@ -167,8 +168,6 @@ class Connection:
 
     def ready(self) -> bool:
         """A reply is waiting to be read (non-blocking)."""
-        import select
-
         return bool(self._kept) or bool(select.select([self._sock], [], [], 0)[0])
 
     def _read_one(self) -> tuple[np.ndarray, np.ndarray, int]:

@@ -22,9 +22,6 @@ from ratray.eval.metrics import REALM_SUMS, realm_rates
 from ratray.realm.config import RealmJobConfig
 from ratray.train.worker import TrainWorker, allreduce_sum
 
-CANDIDATE_MARGIN = 8  # candidates asked for beyond k-1 and the source document's own blocks
-
-
 class Candidates:
     """Retrieval for batches of masked queries: async search, source-document filter, block tokens."""
 
@@ -38,22 +35,23 @@ class Candidates:
 
     def request(self, sel: np.ndarray, embed) -> tuple:
         """sel: rows of `queries`; embed: ids (b q) -> (b p) numpy (the current query tower)."""
+        from ratray.index.filtered import first_request
+
         e = embed(self.queries.ids[sel])
         src = self.docs.of(self.queries.block_ids[sel])[:, None]  # (b 1): the source document
-        K = min(self.index.ntotal, self.k1 + CANDIDATE_MARGIN + int(self.docs.excluded_chunks(src).max(initial=0)))
-        return sel, e, self.index.search_async(e, K)
+        K = first_request(self.index.ntotal, self.k1, self.docs.excluded_chunks(src))
+        return sel, e, src, self.index.search_async(e, K)
 
     def collect(self, pending: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
         """-> candidate block ids (b k-1, -1 = missing), tokens (b k-1 t), valid (b k-1), version."""
         from ratray.index.filtered import search_filtered
 
-        sel, e, fut = pending
+        sel, e, src, fut = pending
         t0 = time.perf_counter()
         first = fut.result()
         self.wait_s += time.perf_counter() - t0
         self.requests += 1
         self.versions.append(first.version)
-        src = self.docs.of(self.queries.block_ids[sel])[:, None]  # (b 1): the source document
         ids, _ = search_filtered(self.index, e, src, self.docs, self.k1, first=first)
         valid = ids >= 0
         tok = self.store.tokens(np.where(valid, ids, 0).reshape(-1), pad_to=self.chunk_tokens)
