@@ -363,7 +363,10 @@ class TrainConfig:
     cpus_per_worker: float = 1.0
     checkpoint_every: int = 50  # steps between checkpoints (and one at the end)
     keep_checkpoints: int = 2
-    max_failures: int = 0  # Ray Train FailureConfig retries (a retry resumes from the checkpoint)
+    # Ray Train FailureConfig retries of the worker group: a worker death (a preempted node, an OOM
+    # kill) restarts every worker from the last checkpoint (step, data position, optimizer) instead
+    # of failing the run; 0 = fail on the first death, -1 = retry forever
+    max_failures: int = 3
     log_every: int = 10  # steps between metric reports
     eval_every: int = 0  # steps between validation passes during training; 0 = only at the end
     eval_sequences: int = 64  # validation sequences per evaluation (0 = all)

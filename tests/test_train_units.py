@@ -46,3 +46,14 @@ def test_deepspeed_config_reflects_train_config_and_user_overrides(tmp_path):
 def test_fp16_is_refused_up_front():
     with pytest.raises(ConfigError, match="train.precision"):
         TrainConfig(precision="fp16")
+
+
+def test_a_worker_death_is_retried_from_the_checkpoint_by_default(tmp_path):
+    """One dead Ray Train worker must not fail a run: the default retries the worker group (every
+    retry calls the train loop again, which resumes from `ray.train.get_checkpoint()`)."""
+    from ratray.train.trainer import make_trainer
+
+    trainer = make_trainer(lambda config: None, {}, TrainConfig(), str(tmp_path))
+    assert trainer.run_config.failure_config.max_failures >= 1
+    assert make_trainer(lambda config: None, {}, TrainConfig(max_failures=0),
+                        str(tmp_path)).run_config.failure_config.max_failures == 0
