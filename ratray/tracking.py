@@ -12,7 +12,10 @@ Knows nothing of models: callers hand it plain dicts of params and floats.
   a Ray Train rank-0 worker process and from threads.
 - Resume: ``Tracker.start(..., resume=True)`` looks for a run in the experiment tagged
   ``ratray.run_name=<run_name>`` (newest first, deleted runs ignored) and continues that run (same
-  run id, status set back to RUNNING); metrics logged afterwards append to its history.
+  run id, status set back to RUNNING); metrics logged afterwards append to its history. MLflow
+  appends a point logged again at a step it already holds (it never overwrites), so a resumed
+  tracker skips every step up to the last one the run logged: a retry that resumes from an older
+  checkpoint redoes those steps without duplicating their points.
 - Params on resume: MLflow forbids changing a logged param. An identical value is skipped; a
   *changed* value keeps the original param and is recorded as the tag ``resume.<key>`` (tags are
   mutable, so a later resume overwrites it with the newest value) plus a warning. Nothing crashes.
@@ -109,6 +112,13 @@ class Tracker:
         self._uri = uri
         self.resumed = resumed
         self._ended = False
+        self.logged_through = self._last_step() if resumed else None  # steps <= this: skipped
+
+    def _last_step(self) -> int | None:
+        """The highest step any metric of the run was logged at (None: no metric yet)."""
+        keys = self._client.get_run(self._run_id).data.metrics
+        steps = [m.step for k in keys for m in self._client.get_metric_history(self._run_id, k)]
+        return max(steps, default=None)
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -178,9 +188,12 @@ class Tracker:
 
     # -- logging ------------------------------------------------------------------------------
     def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
-        """Log a batch at ``step``; None/NaN (and non-numeric) values are skipped, never raised."""
+        """Log a batch at ``step``; None/NaN (and non-numeric) values are skipped, never raised,
+        and so is a step a resumed run had already logged (a redone step)."""
         from mlflow.entities import Metric
 
+        if self.logged_through is not None and int(step) <= self.logged_through:
+            return
         ts = int(time.time() * 1000)
         batch = []
         for k, v in metrics.items():

@@ -215,3 +215,17 @@ def test_plot_curves(tmp_path):
     out = plot_curves(hist, tmp_path / "plots" / "curves.png", title="RETRO tiny")
     data = out.read_bytes()
     assert out.stat().st_size > 1000 and data[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_steps_redone_after_a_resume_are_not_logged_twice(store, no_env_uri):
+    """A retry resumes from the last checkpoint (step 2) after the run had logged up to step 4:
+    steps 3 and 4 are redone, and MLflow would append a second point for each."""
+    t = Tracker.start(store, "exp", "run-redo")
+    for step in (1, 2, 3, 4):
+        t.log_metrics({"loss": 10.0 - step}, step=step)
+    t2 = Tracker.start(store, "exp", "run-redo")  # the retry
+    for step in (3, 4, 5, 6):
+        t2.log_metrics({"loss": 20.0 - step}, step=step)
+    t2.end()
+    hist = _history(MlflowClient(tracking_uri=t2.uri), t2.run_id, "loss")
+    assert hist == [(1, 9.0), (2, 8.0), (3, 7.0), (4, 6.0), (5, 15.0), (6, 14.0)]
