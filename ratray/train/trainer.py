@@ -58,14 +58,16 @@ def write_summary(job, run_dir: Path, result, timings: dict, head: dict, tail: d
 
 def load_weights(checkpoint: str | Path) -> dict:
     """The model's fp32 state dict from a run's Ray Train checkpoint folder (any ZeRO stage: the
-    shards every rank saved are consolidated), on the CPU."""
+    shards every rank saved are consolidated), on the CPU; CheckpointError if it fails
+    `checkpoint.verify`."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from ratray.train.worker import CKPT_TAG
+    from ratray.train.checkpoint import CKPT_TAG, verify
 
     path = Path(checkpoint)
     if not (path / CKPT_TAG).is_dir():
         raise FileNotFoundError(f"{path} is not a ratray checkpoint (no {CKPT_TAG}/ folder)")
+    verify(path)  # DeepSpeed's merge unpickles with weights_only=False: only checked files
     quiet = io.StringIO()  # DeepSpeed prints every step of the merge, and a progress bar
     with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
         return get_fp32_state_dict_from_zero_checkpoint(str(path), tag=CKPT_TAG)

@@ -16,8 +16,10 @@ it. Reads top to bottom in `run()`:
     a finished run relaunched:    evaluate and report again
 
 Checkpoints: every rank saves its DeepSpeed shard into one folder (tag `CKPT_TAG`) with the client
-state {step, history, the method's state}; resuming at step t resumes the data position exactly
-(the sampler is a function of the step).
+state {step, history, the method's state} and a manifest of its files (checkpoint.py); resuming at
+step t resumes the data position exactly (the sampler is a function of the step). A resume reads a
+private copy of the checkpoint, and only after `checkpoint.verify` has checked it: digests, the
+same world size / micro-batch / model config, and pickles that hold only tensors and state.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-CKPT_TAG = "ds"  # DeepSpeed checkpoint tag inside every Ray Train checkpoint folder
+from ratray.train.checkpoint import CKPT_TAG, run_meta, seal, verify
 
 
 def quiet_libraries() -> None:
@@ -68,14 +70,15 @@ def allreduce_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
-def save_and_report(engine, client_state: dict, metrics: dict) -> None:
-    """Every rank: DeepSpeed checkpoint (with our client state) into one folder, barrier, then
-    `ray.train.report` with that folder as the Ray Train checkpoint."""
+def save_and_report(engine, client_state: dict, metrics: dict, rank: int, meta: dict) -> None:
+    """Every rank: DeepSpeed checkpoint (with our client state) and its manifest into one folder,
+    barrier, then `ray.train.report` with that folder as the Ray Train checkpoint."""
     import ray.train
     import torch.distributed as dist
 
     with tempfile.TemporaryDirectory() as d:
         engine.save_checkpoint(d, tag=CKPT_TAG, client_state=client_state)
+        seal(d, rank, meta)
         if dist.is_initialized():
             dist.barrier()
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
@@ -102,6 +105,7 @@ class TrainWorker:
         self.run_dir = Path(config["run_dir"])
         torch.manual_seed(self.t.seed)
         self.history: dict = {"train_loss": [], **{k: [] for k in self.history_keys}}
+        self.meta = run_meta(self.world, self.t.micro_batch, self.t.grad_accum, config["model"])
 
     def next_micro(self, step: int, micro: int) -> tuple[int, int]:
         """The (step, micro-step) after this one: the batch to prefetch retrieval for."""
@@ -130,11 +134,14 @@ class TrainWorker:
         self.engine, _, _, self.sched = deepspeed.initialize(
             model=model, optimizer=opt, lr_scheduler=sched, config=deepspeed_config(t, self.world))
 
-        # resume: weights, optimizer, schedule and our client state from the checkpoint
+        # resume: weights, optimizer, schedule and our client state from the checkpoint, read
+        # from a private copy (nothing can swap a file between the check and DeepSpeed's load)
         start = 0
         ckpt = ray.train.get_checkpoint()
         if ckpt:
-            with ckpt.as_directory() as d:
+            with tempfile.TemporaryDirectory(prefix="ratray-resume-") as d:
+                ckpt.to_directory(d)
+                verify(d, self.meta)
                 _, client = self.engine.load_checkpoint(d, tag=CKPT_TAG)
             start, self.history = client["step"], client["history"]
             self.resume(client)
@@ -194,7 +201,7 @@ class TrainWorker:
 
     def checkpoint(self, step_done: int, metrics: dict) -> None:
         save_and_report(self.engine, {"step": step_done, "history": self.history,
-                                      **self.client_state(metrics)}, metrics)
+                                      **self.client_state(metrics)}, metrics, self.rank, self.meta)
 
     def finish(self, metrics: dict) -> None:
         """Rank 0 at the end: the loss plot, the method's plots, the resolved config and the final
