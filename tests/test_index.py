@@ -160,6 +160,18 @@ def test_rebuild_replaces_the_directory_atomically(tmp_path, data):
     assert [p.name for p in tmp_path.iterdir()] == ["idx"]  # no temp or old dirs left over
 
 
+def test_rebuild_in_place_gets_a_higher_version_than_the_index_it_replaces(tmp_path, data):
+    # a shard restarted under a running service must be able to tell the new index from the old
+    x, ids, _ = data
+    out, cfg = tmp_path / "idx", IndexConfig(factory="Flat", shards=2)
+    assert build_index(x[:500], ids[:500], out, cfg, "test").version == 1
+    assert build_index(x[500:900], ids[500:900], out, cfg, "test").version == 2
+    assert load_manifest(out).version == 2 and np.array_equal(
+        np.sort(np.concatenate([np.load(out / s["ids"]) for s in load_manifest(out).shards])),
+        np.sort(ids[500:900]))
+    assert [p.name for p in tmp_path.iterdir()] == ["idx"]  # no temp or old dirs left over
+
+
 def test_missing_or_corrupt_files_name_the_file(tmp_path, data):
     x, ids, _ = data
     with pytest.raises(IndexBuildError, match="manifest.json"):

@@ -6,8 +6,10 @@ index version has its own exact answers to check against.
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -227,3 +229,65 @@ def test_embed_corpus_covers_every_block_once(small_workdir, ray_session):
     ids, vecs = embed_corpus(emb, put_weights(w), store, RefreshConfig(num_workers=2), progress=False)
     assert np.array_equal(ids, np.arange(len(store)))
     np.testing.assert_allclose(vecs, emb(w, store.tokens(ids)), rtol=1e-6)
+
+
+def test_swap_failing_after_current_names_the_new_version_keeps_it_and_a_restart_serves_it(
+        refresh, monkeypatch, tmp_path):
+    # shard 1 dies for good right after CURRENT is rewritten (the swap's commit point): the new
+    # version must stay on disk, and shards started afterwards must find a complete index
+    import ray
+
+    import ratray.index.service as service_mod
+    from ratray.index.refresh import RefreshError, RefreshService
+
+    service, index, store, emb, root, _ = refresh
+    real_write_current = service_mod.write_current
+
+    def write_current_then_kill_a_shard(r, target):
+        real_write_current(r, target)
+        ray.kill(index.actors[1], no_restart=True)
+
+    monkeypatch.setattr(service_mod, "write_current", write_current_then_kill_a_shard)
+    svc = RefreshService(str(root), str(store.path), asdict(IndexConfig(factory="Flat", shards=2, metric="ip")),
+                         asdict(ServiceConfig(name=index.name, namespace=NS)),
+                         asdict(RefreshConfig(num_workers=2)), emb)  # in this process: the fault above
+    w = _weights(store.tokenizer.vocab_size, 5)
+    with pytest.raises(RefreshError, match="v2 is named by .*CURRENT"):
+        svc.refresh_now(put_weights(w), 40, progress=False)
+    assert serving_dir(root) == version_dir(root, 2)  # before: CURRENT named a deleted folder
+    assert svc.status()["serving_version"] == 2 and svc.status()["version_steps"]["2"] == 40
+    index.shutdown()
+    again = ShardedIndex.launch(str(root), ServiceConfig(name=f"rs-{tmp_path.name}"[:40], namespace=NS))
+    try:
+        q = mixture(8, seed=6)[:, :16].copy()
+        r = again.search(q, 5)
+        assert r.version == 2 and np.array_equal(r.ids, _exact(store, emb, w, q, 5))
+    finally:
+        again.shutdown()
+
+
+def test_refresh_service_restarts_after_a_crash_and_cleans_its_half_built_versions(refresh):
+    import shutil
+
+    import ray
+
+    service, index, store, emb, root, _ = refresh
+    shutil.copytree(version_dir(root, 1), version_dir(root, 2))  # complete, not serving: kept
+    leftovers = [root / "versions" / ".v000003.tmp-deadbeef", root / "versions" / ".v000001.old-cafe"]
+    for d in leftovers:
+        d.mkdir()
+        (d / "shard_0.faiss").write_bytes(b"half written")
+    (root / ".CURRENT.tmp-1-2").write_text("versions/v000003\n")
+    def pid():
+        return ray.get(service.__ray_call__.remote(lambda _: os.getpid()), timeout=120)
+
+    before = pid()
+    ray.kill(service, no_restart=False)  # a crash: Ray restarts it (max_restarts=0 before)
+    deadline = time.monotonic() + 120  # ray.kill is asynchronous: wait for the new process
+    while pid() == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    st = ray.get(service.status.remote(), timeout=120)
+    assert st["serving_version"] == 1 and st["version_steps"] == {"1": 0, "2": 0}
+    assert not any(d.exists() for d in leftovers) and not (root / ".CURRENT.tmp-1-2").exists()
+    assert sorted(p.name for p in (root / "versions").iterdir()) == ["v000001", "v000002"]
+    assert serving_dir(root) == version_dir(root, 1)

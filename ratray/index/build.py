@@ -21,7 +21,7 @@ from ratray.index.factory import (IndexBuildError, configure_faiss, faiss_messag
                                   new_index, residual_ivfpq, resolve_factory, set_pq_tables,
                                   set_search_params)
 from ratray.index.search import exact_search, search_shards
-from ratray.index.store import Manifest, now_iso, write_index_dir
+from ratray.index.store import Manifest, next_version, now_iso, write_index_dir
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ def build_settings(cfg: IndexConfig) -> dict:
     return {"train_size": int(cfg.train_size), "seed": int(cfg.seed)}
 
 def build_index(vectors: np.ndarray, ids: np.ndarray, out_dir: str | Path, cfg: IndexConfig,
-                embedding_model: str, chunk_store: str = "", version: int = 1,
+                embedding_model: str, chunk_store: str = "", version: int | None = None,
                 extra_manifest: dict | None = None) -> Manifest:
     """Train once, fill `cfg.shards` shards, write them + manifest atomically.
 
@@ -157,6 +157,8 @@ def build_index(vectors: np.ndarray, ids: np.ndarray, out_dir: str | Path, cfg: 
 
     vectors: (n, d) float32 embeddings; ids: (n,) int64 chunk ids (unique, >= 0). The finished
     directory replaces `out_dir` in one rename (an old index there is removed afterwards).
+    `version` None: one above the index being replaced (1 if none), never the same number for
+    two different indexes at one path.
     `extra_manifest` is merged into the manifest's `extra` (e.g. the weights step of a REALM
     version). The build-time settings (`train_size`, `seed`) are recorded there too, so a reuse
     check can tell whether a rebuild is due.
@@ -231,7 +233,7 @@ def build_index(vectors: np.ndarray, ids: np.ndarray, out_dir: str | Path, cfg: 
         log.info("IVF-PQ lookup tables: %s (%s)", "precomputed" if on else "per probe", measured)
 
     manifest = Manifest(
-        version=int(version), factory=factory, factory_requested=cfg.factory, metric=metric,
+        version=int(version if version is not None else next_version(out_dir)), factory=factory, factory_requested=cfg.factory, metric=metric,
         dim=int(dim), embedding_model=embedding_model, ntotal=int(n), nprobe=int(nprobe),
         ef_search=int(cfg.ef_search), chunk_store=chunk_store, shards=[], created=now_iso(),
         extra={**extra, **(extra_manifest or {})})

@@ -39,9 +39,11 @@ import ray
 from ratray.config import IndexConfig, RefreshConfig, ServiceConfig
 from ratray.data.chunks import ChunkStore
 from ratray.index.build import build_index
+from ratray.index.factory import IndexBuildError
 from ratray.index.service import ShardedIndex
-from ratray.index.store import (is_versioned, load_manifest, remove_version, serving_dir,
-                                version_dir, versions_on_disk, write_current)
+from ratray.index.store import (current_version, is_versioned, load_manifest, remove_leftovers,
+                                remove_version, serving_dir, version_dir, versions_on_disk,
+                                write_current)
 
 log = logging.getLogger(__name__)
 
@@ -143,23 +145,36 @@ class RefreshService:
         self._lock = threading.Lock()
         self._waiting: tuple[list, int] | None = None
         self._index: ShardedIndex | None = None
+        # a restarted actor: what its predecessor was writing when it died is garbage now (one
+        # service per root, so no live writer); complete versions and CURRENT's stay
+        removed = remove_leftovers(self.root)
+        if removed:
+            log.warning("refresh service at %s: removed leftovers of an interrupted refresh: %s",
+                        self.root, ", ".join(removed))
         self._sync_serving_from_disk()
 
     # -- disk ----------------------------------------------------------------------------------
 
     def _sync_serving_from_disk(self) -> None:
+        # every version's weights step too: a restarted service still drops requests with weights
+        # older than those already built
+        for v in versions_on_disk(self.root):
+            try:
+                step = load_manifest(version_dir(self.root, v)).extra.get("weights_step")
+            except IndexBuildError as e:  # an unreadable old version does not stop the service
+                log.warning("%s", e)
+                continue
+            if step is not None:
+                self.state.version_steps.setdefault(str(v), int(step))
         if is_versioned(self.root):
             m = load_manifest(serving_dir(self.root))
             self.state.serving_version = int(m.version)
-            step = m.extra.get("weights_step")
-            if step is not None:
-                self.state.version_steps.setdefault(str(m.version), int(step))
 
     def _prune(self) -> None:
         keep = max(1, self.cfg.keep_versions)
-        serving = self.state.serving_version
+        keep_too = (self.state.serving_version, current_version(self.root))
         for v in versions_on_disk(self.root)[:-keep]:
-            if v != serving:
+            if v not in keep_too:
                 remove_version(self.root, v)
 
     # -- one refresh ---------------------------------------------------------------------------
@@ -212,9 +227,11 @@ class RefreshService:
         t1 = time.perf_counter()
         try:
             self._service().swap(version_dir(self.root, version))
-        except BaseException:
-            remove_version(self.root, version)
-            raise
+        except BaseException as e:
+            if current_version(self.root) != version:  # failed before the commit point: unused
+                remove_version(self.root, version)
+                raise
+            self._finish_commit(version, step, e)
         t2 = time.perf_counter()
         rec = self._record(version, step, t, t2 - t1, t2 - t0)
         self._prune()
@@ -222,6 +239,22 @@ class RefreshService:
               f"{rec['blocks']} blocks in {rec['embed_s']:.1f} s ({rec['blocks_per_s']:.0f}/s), "
               f"built in {rec['build_s']:.2f} s, swapped in {rec['swap_s']:.3f} s", flush=True)
         return rec
+
+    def _finish_commit(self, version: int, step: int, error: BaseException) -> None:
+        """The swap failed after CURRENT named `version` (its commit point: a shard restarted from
+        then on loads it). Never back: `version` stays on disk and serves; the shards that did not
+        commit are asked once more. Raises RefreshError if one still fails (a dead shard)."""
+        with self._lock:
+            self.state.serving_version = version
+            self.state.version_steps[str(version)] = int(step)
+        log.warning("swap to v%d failed after CURRENT named it (%s: %s): committing again",
+                    version, type(error).__name__, error)
+        try:
+            ray.get([a.commit.remote(version) for a in self._service().actors], timeout=120)
+        except Exception as e:  # noqa: BLE001 — reported with both causes
+            raise RefreshError(f"v{version} is named by {self.root / 'CURRENT'} (kept, serving) but "
+                               f"not every shard committed it: {type(error).__name__}: {error}; "
+                               f"again: {type(e).__name__}: {e}"[:2000]) from None
 
     def _service(self) -> ShardedIndex:
         if self._index is None:
@@ -309,10 +342,14 @@ class RefreshService:
 def launch_refresh_service(root: str | Path, store: ChunkStore, index_cfg: IndexConfig,
                            service_cfg: ServiceConfig, refresh_cfg: RefreshConfig, embedder: Callable,
                            embedding_model: str = "realm-doc-tower"):
-    """The actor, named `<service.name>-refresh` in the service's namespace (a worker can find it)."""
+    """The actor, named `<service.name>-refresh` in the service's namespace (a worker can find it).
+
+    Restarted when it dies (its constructor cleans what the dead one half-wrote and reads the
+    serving version back from disk), and calls in flight are redone: every method is safe to
+    repeat (a redone request or refresh at worst builds one more version, never an older one)."""
     actor = ray.remote(RefreshService).options(
         name=f"{service_cfg.name}-refresh", namespace=service_cfg.namespace, get_if_exists=True,
-        num_cpus=0, max_concurrency=4, max_restarts=0)
+        num_cpus=0, max_concurrency=4, max_restarts=-1, max_task_retries=-1)
     return actor.remote(str(Path(root).resolve()), str(store.path), asdict(index_cfg),
                         asdict(service_cfg), asdict(refresh_cfg), embedder, embedding_model)
 

@@ -8,6 +8,7 @@ atomically. Folders are written under a temporary name and renamed into place, n
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -155,23 +156,60 @@ def write_index_dir(out_dir: str | Path, shards: list[tuple[faiss.Index, np.ndar
 
 def write_manifest(index_dir: str | Path, manifest: Manifest) -> None:
     """Rewrite the manifest of an existing index folder atomically (write + rename)."""
-    path = Path(index_dir) / MANIFEST
-    tmp = path.with_name(f".{MANIFEST}.{os.getpid()}.{threading.get_ident()}")
-    tmp.write_text(manifest.to_json())
-    os.replace(tmp, path)
+    atomic_write_text(Path(index_dir) / MANIFEST, manifest.to_json())
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """`path` holds the old text or the new, never a torn mix: a unique temp file, flushed to disk
+    before the rename (a crash right after a bare rename can leave an empty file on ext4/xfs)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one step (Linux renameat2 RENAME_EXCHANGE); False if unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        rc = libc.renameat2(-100, os.fsencode(a), -100, os.fsencode(b), 2)  # AT_FDCWD, EXCHANGE
+    except (OSError, AttributeError):  # no renameat2 in this libc
+        return False
+    return rc == 0
 
 
 def _swap_in(tmp: Path, out_dir: Path) -> None:
-    """Replace `out_dir` by `tmp`: two renames (never a half-written index), then clean up."""
+    """Replace `out_dir` by `tmp` (never a half-written index). Where the OS can, in one atomic
+    exchange: a shard restarting meanwhile finds the old index or the new one, never no index."""
     old = None
     if out_dir.exists():
         if not out_dir.is_dir():
             raise IndexBuildError(f"{out_dir} exists and is not a directory")
         old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(out_dir, old)
-    os.rename(tmp, out_dir)
+        if _exchange(tmp, out_dir):
+            os.rename(tmp, old)  # tmp now holds the previous index
+        else:
+            os.rename(out_dir, old)
+            os.rename(tmp, out_dir)
+    else:
+        os.rename(tmp, out_dir)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def next_version(out_dir: str | Path) -> int:
+    """The version a rebuild of `out_dir` in place gets: one above the one there (1 if none), so
+    shards restarted under a running service can tell the new index from the old."""
+    try:
+        return int(load_manifest(out_dir).version) + 1
+    except (IndexBuildError, ValueError, TypeError):
+        return 1
 
 
 
@@ -214,10 +252,34 @@ def write_current(root: str | Path, target: str | Path) -> None:
     rel = os.path.relpath(Path(target).resolve(), root.resolve())
     if rel.startswith(".."):
         raise ValueError(f"{target} is not inside the index root {root}")
-    tmp = root / f".{CURRENT}.{os.getpid()}.{threading.get_ident()}"
-    tmp.write_text(rel + "\n")
-    os.replace(tmp, root / CURRENT)
+    atomic_write_text(root / CURRENT, rel + "\n")
+
+
+def current_version(root: str | Path) -> int | None:
+    """The version root/CURRENT names (None: no CURRENT, or it names no `versions/vNNNNNN`)."""
+    cur = Path(root) / CURRENT
+    if not cur.is_file():
+        return None
+    name = Path(cur.read_text().strip()).name
+    return int(name[1:]) if name.startswith("v") and name[1:].isdigit() else None
+
+
+def remove_leftovers(root: str | Path) -> list[str]:
+    """Remove what crashed writers left under a versioned root: half-built `versions/.vN.tmp-*`,
+    `.vN.old-*` folders and temp files of CURRENT. Only for the root's one writer (the refresh
+    service, at start): a live writer's temp folder would go too. Returns the names removed."""
+    root = Path(root)
+    removed = []
+    for d in (root, root / VERSIONS):
+        for p in sorted(d.glob(".*")) if d.is_dir() else []:
+            if ".tmp-" in p.name or ".old-" in p.name:
+                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+                removed.append(str(p.relative_to(root)))
+    return removed
 
 
 def remove_version(root: str | Path, version: int) -> None:
+    """Delete a version's folder; never the one CURRENT names (a restarted shard loads that one)."""
+    if current_version(root) == int(version):
+        raise ValueError(f"{version_dir(root, version)} is named by {Path(root) / CURRENT}: not removed")
     shutil.rmtree(version_dir(root, version), ignore_errors=True)
