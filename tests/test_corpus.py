@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import operator
+import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -448,3 +449,205 @@ def test_skip_report_merge():
     a.merge(b)
     assert a.counts == {"empty": 8, "binary": 1} and a.total == 9
     assert a.examples["empty"] == ["a0", "a1", "a2", "a3", "b0"] and a.capped == "max_docs"
+
+
+# ---------------------------------------------------------------------------------------------
+# files that are not plain documents: .json documents, gzip, Parquet string types, huge lines,
+# unreadable files and folders, FIFOs, dangling links (issue 13)
+
+
+def _only(tmp_path: Path, *skip_reasons: str, **settings) -> tuple[list, SkipReport]:
+    """Read the folder `tmp_path` (which holds good.txt besides the files under test); the skips
+    are exactly of `skip_reasons`."""
+    (tmp_path / "good.txt").write_text("a good document\n")
+    docs, skips = read(CorpusConfig(path=str(tmp_path), **settings))
+    assert "good.txt" in [d.doc_id for d in docs]
+    assert set(skips.counts) == set(skip_reasons), skips.counts
+    return docs, skips
+
+
+def test_pretty_printed_json_array_and_object_are_read_as_documents(tmp_path):
+    (tmp_path / "many.json").write_text(json.dumps([{"id": "a", "text": "first"},
+                                                    {"id": "b", "text": "second", "title": "B"}], indent=2))
+    (tmp_path / "one.json").write_text(json.dumps({"id": "c", "text": "third"}, indent=4))
+    docs, _ = _only(tmp_path)
+    by_id = {d.doc_id: d for d in docs}
+    assert [by_id[i].text for i in "abc"] == ["first", "second", "third"] and by_id["b"].title == "B"
+    assert by_id["b"].source == f"{tmp_path / 'many.json'}[1]" and by_id["c"].source == str(tmp_path / "one.json")
+
+
+def test_json_file_written_one_object_per_line_is_read_as_jsonl(tmp_path):
+    write_jsonl(tmp_path / "rows.json", [{"id": "a", "text": "x"}, {"id": "b", "text": "y"}])
+    docs, _ = _only(tmp_path)
+    assert sorted(d.doc_id for d in docs) == ["a", "b", "good.txt"]
+
+
+@pytest.mark.parametrize("content, why", [
+    (json.dumps({"name": "my-corpus", "version": 2}, indent=2), "no 'id' and 'text' fields"),
+    ('{"name": "my-corpus"}', "no 'id' and 'text' fields"),
+    ("[1, 2, 3]", "no 'id' and 'text' fields"),
+    ('"just a string"', "not an object or an array"),
+    ('{\n  "id": "a",\n  "text": ', "malformed JSON"),
+], ids=["config", "one-line-config", "numbers", "string", "malformed"])
+def test_json_file_that_holds_no_documents_is_a_counted_skip(tmp_path, content, why):
+    (tmp_path / "meta.json").write_text(content)
+    _, skips = _only(tmp_path, "not_documents")
+    (where,) = skips.examples["not_documents"]
+    assert where.startswith(str(tmp_path / "meta.json")) and why in where, where
+
+
+def test_bad_row_inside_a_json_array_names_the_item(tmp_path):
+    (tmp_path / "docs.json").write_text(json.dumps([{"id": "a", "text": "x"}, {"id": "b", "text": 5}]))
+    with pytest.raises(CorpusError, match=r"docs\.json, item 1: field 'text' must be a string"):
+        read(CorpusConfig(path=str(tmp_path)))
+
+
+def test_gzip_files_are_read_transparently(tmp_path):
+    import gzip
+
+    (tmp_path / "rows.jsonl.gz").write_bytes(gzip.compress(b'{"id": "r1", "text": "from jsonl.gz"}\n'))
+    (tmp_path / "notes.txt.gz").write_bytes(gzip.compress("text from txt.gz \u00e9\n".encode()))
+    (tmp_path / "plain.gz").write_bytes(gzip.compress(b"text from .gz\n"))
+    docs, skips = _only(tmp_path)
+    by_id = {d.doc_id: d for d in docs}
+    assert by_id["r1"].text == "from jsonl.gz" and by_id["plain.gz"].text == "text from .gz\n"
+    assert by_id["notes.txt.gz"].text == "text from txt.gz \u00e9\n" and by_id["notes.txt.gz"].title == "notes"
+
+
+def test_gzip_size_limit_applies_to_the_decompressed_bytes(tmp_path):
+    import gzip
+
+    (tmp_path / "big.txt.gz").write_bytes(gzip.compress(b"x" * 5000))  # ~40 bytes compressed
+    _, skips = _only(tmp_path, "too_large", max_doc_bytes=1000)
+    assert skips.examples["too_large"] == [f"{tmp_path / 'big.txt.gz'} (more than max_doc_bytes 1000 "
+                                           f"bytes decompressed)"]
+
+
+def test_gzip_bomb_stops_at_the_decompression_cap(tmp_path, monkeypatch):
+    import gzip
+
+    from ratray.data import readers
+
+    monkeypatch.setattr(readers, "GZIP_MIN_CAP", 1 << 20)  # small caps keep the test small
+    monkeypatch.setattr(readers, "GZIP_MAX_RATIO", 4)
+    rows = b"".join(b'{"id": %d, "text": "same text"}\n' % i for i in range(200_000))  # ~6 MB
+    (tmp_path / "bomb.jsonl.gz").write_bytes(gzip.compress(rows))
+    docs, skips = _only(tmp_path, "too_large")
+    (where,) = skips.examples["too_large"]
+    assert "bomb.jsonl.gz" in where and "decompress" in where
+    assert 1 < len(docs) < 200_000  # the rows before the cap are kept, the rest is not read
+
+
+def test_corrupt_gzip_is_an_error_naming_the_file(tmp_path):
+    (tmp_path / "broken.txt.gz").write_bytes(b"\x1f\x8b\x08\x00garbage that is not deflate")
+    with pytest.raises(CorpusError, match=r"broken\.txt\.gz: not a readable gzip file"):
+        read(CorpusConfig(path=str(tmp_path)))
+
+
+def test_parquet_dictionary_string_view_and_large_string_columns_are_read(tmp_path):
+    f = tmp_path / "typed.parquet"
+    pq.write_table(pa.table({"id": pa.array(["a", "b"]).cast(pa.string_view()),
+                             "text": pa.array(["one", "two"]).dictionary_encode(),
+                             "title": pa.array(["A", None], pa.large_string())}), f)
+    assert pq.ParquetFile(f).schema_arrow.field("text").type.id == pa.dictionary(pa.int32(), pa.string()).id
+    docs, _ = read(CorpusConfig(path=str(f)))
+    assert [(d.doc_id, d.text, d.title) for d in docs] == [("a", "one", "A"), ("b", "two", None)]
+
+
+def test_overlong_jsonl_line_is_skipped_without_reading_it_whole(tmp_path):
+    import tracemalloc
+
+    f = tmp_path / "rows.jsonl"
+    with open(f, "wb") as out:
+        out.write(b'{"id": "a", "text": "kept"}\n{"id": "huge", "text": "')
+        for _ in range(24):
+            out.write(b"y" * (1 << 20))  # a 24 MiB line
+        out.write(b'"}\n{"id": "b", "text": "also kept"}\n')
+    tracemalloc.start()
+    try:
+        docs, skips = read(CorpusConfig(path=str(f), max_doc_bytes=1000))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [d.doc_id for d in docs] == ["a", "b"] and skips.counts == {"too_large": 1}
+    assert skips.examples["too_large"][0].startswith(f"{f}:2 (line longer than")
+    assert peak < 8 << 20, f"peak {peak / 2**20:.1f} MiB: the line was held whole"
+
+
+def _deny(monkeypatch, *denied: Path) -> None:
+    """Make `denied` unreadable: chmod 000, and for root (whom chmod does not stop) a
+    PermissionError from os.open / os.scandir, as the kernel gives any other user."""
+    for p in denied:
+        p.chmod(0)
+    if os.geteuid() != 0:
+        return
+    real_open, real_scandir = os.open, os.scandir
+
+    def refuse(path, *a, **k):
+        if Path(os.fsdecode(path)) in denied:
+            raise PermissionError(13, "Permission denied", os.fsdecode(path))
+        return real_open(path, *a, **k)
+
+    def refuse_dir(path="."):
+        if Path(os.fsdecode(path)) in denied:
+            raise PermissionError(13, "Permission denied", os.fsdecode(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "open", refuse)
+    monkeypatch.setattr(os, "scandir", refuse_dir)
+
+
+def test_unreadable_file_and_folder_are_counted_skips(tmp_path, monkeypatch):
+    (tmp_path / "secret.txt").write_text("not for us\n")
+    (tmp_path / "locked").mkdir()
+    (tmp_path / "locked" / "inner.txt").write_text("not for us either\n")
+    _deny(monkeypatch, tmp_path / "secret.txt", tmp_path / "locked")
+    try:
+        _, skips = _only(tmp_path, "unreadable")
+        fp = corpus_fingerprint(CorpusConfig(path=str(tmp_path)))  # no PermissionError either
+    finally:
+        (tmp_path / "locked").chmod(0o755)
+    assert skips.counts == {"unreadable": 2} and len(fp) == 64
+    ex = " ".join(skips.examples["unreadable"])
+    assert f"{tmp_path / 'secret.txt'} (Permission denied)" in ex and f"{tmp_path / 'locked'}" in ex
+
+
+def test_fifo_in_the_corpus_is_skipped_without_opening_it(tmp_path):
+    os.mkfifo(tmp_path / "pipe.txt")  # opening it for reading would block until a writer comes
+    _, skips = _only(tmp_path, "not_regular")
+    assert skips.examples["not_regular"] == [f"{tmp_path / 'pipe.txt'} (a FIFO)"]
+    assert len(corpus_fingerprint(CorpusConfig(path=str(tmp_path)))) == 64
+
+
+def test_dangling_symlink_is_a_counted_skip_naming_the_link(tmp_path):
+    (tmp_path / "gone.txt").symlink_to(tmp_path / "nowhere.txt")
+    _, skips = _only(tmp_path, "dangling_link")
+    (where,) = skips.examples["dangling_link"]
+    assert where.startswith(f"{tmp_path / 'gone.txt'} -> {tmp_path / 'nowhere.txt'}")
+    assert len(corpus_fingerprint(CorpusConfig(path=str(tmp_path)))) == 64
+
+
+def test_unwritable_chunk_store_folder_is_a_clear_error(tmp_path, monkeypatch):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for p in stdlib_files(2):
+        shutil.copy(p, corpus / p.name)
+    ro = tmp_path / "work"
+    ro.mkdir()
+    ro.chmod(0o555)
+    if os.geteuid() == 0:  # root ignores the mode: refuse like the kernel does for anyone else
+        real_mkdir = os.mkdir
+
+        def refuse(path, *a, **k):
+            if Path(os.fsdecode(path)).is_relative_to(ro):
+                raise PermissionError(13, "Permission denied", os.fsdecode(path))
+            return real_mkdir(path, *a, **k)
+
+        monkeypatch.setattr(os, "mkdir", refuse)
+    try:
+        with pytest.raises(ChunkStoreError, match=rf"chunk store folder {ro / 'chunks'} is not writable "
+                                                  r"\(Permission denied\)"):
+            build_chunk_store(CorpusConfig(path=str(corpus)), ChunkConfig(vocab_size=300),
+                              ro / "chunks", progress=False)
+    finally:
+        ro.chmod(0o755)

@@ -63,13 +63,11 @@ SPLITS = ("train", "val", "db")  # db: in the retrieval database only, never tra
 LATER_CORPUS_FIELDS = {"db_fraction": 0.0, "versions": 0, "version_edits": True}
 
 SCHEMA = pa.schema([
-    ("chunk_id", pa.int64()),
-    ("doc_id", pa.string()),
+    ("chunk_id", pa.int64()), ("doc_id", pa.string()),
     ("split", pa.string()),
     ("pos", pa.int32()),
     ("tokens", pa.list_(pa.int32())),
-    ("n_tokens", pa.int32()),
-    ("n_bytes", pa.int32()),
+    ("n_tokens", pa.int32()), ("n_bytes", pa.int32()),
     ("text", pa.string()),
     ("next_chunk_id", pa.int64()),
 ])
@@ -135,10 +133,13 @@ def build_chunk_store(corpus: CorpusConfig, chunks: ChunkConfig, root: str | Pat
     final = root / key
     if (final / "meta.json").is_file():
         return ChunkStore.open(final, reused=True)
-    if final.exists():  # a leftover without meta.json is never a valid store
-        shutil.rmtree(final)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key[:16]}.tmp-", dir=root))
+    try:
+        if final.exists():  # a leftover without meta.json is never a valid store
+            shutil.rmtree(final)
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key[:16]}.tmp-", dir=root))
+    except PermissionError as e:
+        raise ChunkStoreError(f"chunk store folder {root} is not writable ({e.strerror})") from None
     try:
         _build(corpus, chunks, tmp, key, fingerprint, progress)
         if corpus_fingerprint(corpus) != fingerprint:  # the store must match the key's content
