@@ -587,13 +587,29 @@ def test_ray_jobs_reach_mlflow_and_mlflow_accepts_their_host_header(name):
             assert is_allowed_host_header(allowed, u.netloc), (uri, allowed)
 
 
+SERVICE_HOSTS = ["ratray-mlflow", "ratray-mlflow.ratray", "ratray-mlflow.ratray.svc",
+                 "ratray-mlflow.ratray.svc.cluster.local"]
+FOREIGN_HOSTS = ["evil.example.com", "ratray-mlflow.attacker.example", "ratray-mlflow.ratray.attacker.example",
+                 "ratray-mlflow.ratray.svc.cluster.local.attacker.example", "ratray-mlflow.other-ns",
+                 "ratray-mlflowx", "attacker.example"]
+
+
 @pytest.mark.parametrize("name", sorted(RENDERINGS))
 def test_mlflow_accepts_its_service_names_and_refuses_other_hosts(name):
+    """With MLflow's own matcher: every in-cluster name of the Service (with and without the port)
+    and the port-forward's localhost pass; a host that merely starts with the service name (DNS
+    rebinding from ratray-mlflow.attacker.example) does not."""
     is_allowed_host_header = mlflow_host_check()
     allowed = mlflow_allowed_hosts(rendered(name))
-    for host in ("ratray-mlflow.ratray.svc.cluster.local:5000", "localhost:5000"):
-        assert is_allowed_host_header(allowed, host), host  # FQDN and `kubectl port-forward`
-    assert not is_allowed_host_header(allowed, "evil.example.com:5000")
+    for host in SERVICE_HOSTS + [f"{h}:5000" for h in SERVICE_HOSTS] + ["localhost:5000", "127.0.0.1:5000"]:
+        assert is_allowed_host_header(allowed, host), host
+    for host in FOREIGN_HOSTS + [f"{h}:5000" for h in FOREIGN_HOSTS]:
+        assert not is_allowed_host_header(allowed, host), host
+
+
+def test_mlflow_host_rule_catches_a_wildcard_service_name():
+    """The old `ratray-mlflow.*` entry is what let ratray-mlflow.attacker.example in."""
+    assert mlflow_host_check()(["ratray-mlflow", "ratray-mlflow.*"], "ratray-mlflow.attacker.example")
 
 
 @pytest.mark.parametrize("name", sorted(RENDERINGS))
