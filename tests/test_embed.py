@@ -1,4 +1,8 @@
 """Frozen retriever embeddings: real sentence-BERT through a Ray Data actor pool, content-keyed cache."""
+import os
+import signal
+import subprocess
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -7,7 +11,7 @@ import pytest
 
 from ratray.config import EmbedConfig
 from ratray.index.embed import EmbeddingCache, embed_with_cache
-from ratray.pretrained import PretrainedModelError, model_path
+from ratray.pretrained import PretrainedModelError, model_id, model_path
 
 
 @pytest.fixture(scope="module")
@@ -54,3 +58,59 @@ def test_embeddings_are_semantic(texts, tmp_path):
 def test_unknown_model_is_a_clear_error(tmp_path):
     with pytest.raises(PretrainedModelError, match="never downloaded"):
         model_path(str(tmp_path / "no-such-model"))
+
+
+def test_a_build_killed_while_writing_a_cache_part_leaves_nothing_the_next_build_trips_on(texts, tmp_path):
+    # a real SIGKILL half way through writing a part (before: its temp name matched part-*.npz and
+    # every later build failed with BadZipFile)
+    script = f"""
+import os, signal
+import numpy as np
+import ratray.index.embed as embed
+from ratray.config import EmbedConfig
+
+def torn_savez(file, **arrays):
+    with open(file, "wb") as f:
+        f.write(b"PK\\x03\\x04 half a zip")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+embed.np.savez = torn_savez
+embed.EmbeddingCache({str(tmp_path)!r}, EmbedConfig().model).add(
+    embed.content_keys(["x"]), np.zeros((1, 384), np.float32))
+"""
+    r = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[1], timeout=120)
+    assert r.returncode == -signal.SIGKILL
+    cache = EmbeddingCache(tmp_path, EmbedConfig().model)
+    assert cache._parts() == [] and len(cache) == 0
+    v, s = embed_with_cache(texts[:4], EmbedConfig(batch_size=8), tmp_path, use_ray=False)
+    assert s.embedded == 4 and s.discarded_parts == 0
+
+
+def test_an_unreadable_cache_part_is_discarded_counted_and_embedded_again(texts, tmp_path):
+    cfg = EmbedConfig(batch_size=8)
+    ref, _ = embed_with_cache(texts[:6], cfg, tmp_path, use_ray=False)
+    cache = EmbeddingCache(tmp_path, cfg.model)
+    (part,) = cache._parts()
+    (cache.dir / "part-00001-torn.npz").write_bytes(part.read_bytes()[:300])  # a torn part
+    part.write_bytes(part.read_bytes()[:100])  # and the good one truncated too
+    v, s = embed_with_cache(texts[:6], cfg, tmp_path, use_ray=False)
+    assert s.discarded_parts == 2 and s.embedded == 6 and s.as_dict()["discarded_parts"] == 2
+    assert np.allclose(v, ref, atol=1e-5)
+    _, s2 = embed_with_cache(texts[:6], cfg, tmp_path, use_ray=False)
+    assert s2.cached == 6 and s2.discarded_parts == 0
+
+
+def test_weights_retrained_in_place_get_a_new_cache_key(tmp_path):
+    # same file sizes, same JSON: only the weights' bytes differ (before: the same model id, so
+    # the cache served vectors of the old weights)
+    model = tmp_path / "encoder"
+    model.mkdir()
+    (model / "config.json").write_text('{"hidden_size": 8}')
+    weights = model / "model.safetensors"
+    weights.write_bytes(bytes(range(256)) * 64)
+    before = model_id(str(model))
+    weights.write_bytes(bytes(reversed(range(256))) * 64)
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    after = model_id(str(model))
+    assert before != after and before.startswith("encoder-") and after.startswith("encoder-")
+    assert EmbeddingCache(tmp_path / "c", str(model)).dir.name == after

@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,8 +78,11 @@ def content_keys(texts: list[str]) -> np.ndarray:
 class EmbeddingCache:
     """`root/<model_id>/part-NNNNN.npz` files of (keys (m,) S16, vectors (m, d) float32).
 
-    A part is written to a temp name and renamed, so a crash never leaves a torn file; a reader
-    sees every completed part. Lookups load all parts once into a key → row index.
+    A part is written to a temp name outside the parts' glob (`.tmp-part-*`) and renamed, so a
+    crash never leaves a torn part; a reader sees every completed part. A part that cannot be read
+    anyway (a torn file from an older ratray, a bad disk) is discarded with a warning and counted
+    in `discarded`: its vectors are embedded again. Lookups load all parts once into a key → row
+    index.
     """
 
     def __init__(self, root: str | Path, model: str):
@@ -86,16 +90,32 @@ class EmbeddingCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         self._keys: np.ndarray | None = None
         self._vecs: np.ndarray | None = None
+        self.discarded: list[str] = []  # names of unreadable parts removed
 
     def _parts(self) -> list[Path]:
         return sorted(self.dir.glob("part-*.npz"))
 
+    def _read_part(self, p: Path) -> tuple[np.ndarray, np.ndarray] | None:
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                k, v = z["keys"], z["vectors"]
+            if k.dtype != np.dtype(f"S{KEY_BYTES}") or v.ndim != 2 or len(k) != len(v):
+                raise ValueError(f"keys {k.dtype} {k.shape} do not match vectors {v.shape}")
+            return k, v
+        except (zipfile.BadZipFile, OSError, EOFError, KeyError, ValueError) as e:
+            log.warning("embedding cache: discarding unreadable part %s (%s: %s); its vectors "
+                        "will be embedded again", p, type(e).__name__, e)
+            p.unlink(missing_ok=True)
+            self.discarded.append(p.name)
+            return None
+
     def _load(self) -> None:
         keys, vecs = [], []
         for p in self._parts():
-            with np.load(p) as z:
-                keys.append(z["keys"])
-                vecs.append(z["vectors"])
+            part = self._read_part(p)
+            if part is not None:
+                keys.append(part[0])
+                vecs.append(part[1])
         if keys:
             k, v = np.concatenate(keys), np.concatenate(vecs)
             k, first = np.unique(k, return_index=True)  # sorted keys for searchsorted
@@ -124,9 +144,13 @@ class EmbeddingCache:
             return
         n = len(self._parts())
         final = self.dir / f"part-{n:05d}-{os.getpid()}-{time.time_ns()}.npz"
-        tmp = final.with_suffix(".tmp.npz")
-        np.savez(tmp, keys=keys, vectors=vectors.astype(np.float32))
-        os.replace(tmp, final)
+        tmp = self.dir / f".tmp-{final.name}"  # outside the glob of parts until complete
+        try:
+            np.savez(tmp, keys=keys, vectors=vectors.astype(np.float32))
+            os.replace(tmp, final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         self._keys = None  # reload lazily
 
 
@@ -200,6 +224,7 @@ class EmbedStats:
     embedded: int
     seconds: float
     model: str
+    discarded_parts: int = 0  # unreadable cache parts removed (their chunks embedded again)
 
     @property
     def chunks_per_s(self) -> float:
@@ -208,7 +233,7 @@ class EmbedStats:
     def as_dict(self) -> dict:
         return dict(chunks=self.chunks, cached=self.cached, embedded=self.embedded,
                     seconds=round(self.seconds, 3), chunks_per_s=round(self.chunks_per_s, 1),
-                    model=self.model)
+                    model=self.model, discarded_parts=self.discarded_parts)
 
 
 def embed_with_cache(texts: list[str], cfg: EmbedConfig, cache_root: str | Path,
@@ -241,7 +266,8 @@ def embed_with_cache(texts: list[str], cfg: EmbedConfig, cache_root: str | Path,
     if len(miss):
         uvecs[miss] = new_vecs
     stats = EmbedStats(chunks=len(texts), cached=int(len(texts) - np.isin(inverse, miss).sum()),
-                       embedded=len(miss), seconds=time.perf_counter() - t0, model=model_id(cfg.model))
+                       embedded=len(miss), seconds=time.perf_counter() - t0, model=model_id(cfg.model),
+                       discarded_parts=len(cache.discarded))
     log.info("embeddings: %d chunks, %d from cache, %d embedded in %.1fs", stats.chunks,
              stats.cached, stats.embedded, stats.seconds)
     return uvecs[inverse], stats
