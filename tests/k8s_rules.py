@@ -575,6 +575,83 @@ def security_problems(where: str, template: dict) -> list[str]:
     return errs
 
 
+# Pod Security Standards, "restricted" profile (https://kubernetes.io/docs/concepts/security/
+# pod-security-standards/), with the "baseline" controls it includes
+RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+                      "projected", "secret"}
+SAFE_SYSCTLS = {"kernel.shm_rmid_forced", "net.ipv4.ip_local_port_range", "net.ipv4.ip_unprivileged_port_start",
+                "net.ipv4.tcp_syncookies", "net.ipv4.ping_group_range", "net.ipv4.ip_local_reserved_ports",
+                "net.ipv4.tcp_keepalive_time", "net.ipv4.tcp_fin_timeout", "net.ipv4.tcp_keepalive_intvl",
+                "net.ipv4.tcp_keepalive_probes"}
+
+
+def kuberay_pod(template: dict, node_type: str, autoscaler: dict | None = None) -> dict:
+    """The pod KubeRay (v1.7, ray-operator/controllers/ray/common/pod.go) makes from a group's
+    template: a worker gets the wait-gcs-ready init container with a copy of the Ray container's
+    securityContext; a head with the autoscaler gets its sidecar with autoscalerOptions.securityContext."""
+    t = copy.deepcopy(template)
+    ray = t["spec"]["containers"][0]
+    if node_type == "worker":
+        t["spec"].setdefault("initContainers", []).append(
+            {"name": "wait-gcs-ready", "image": ray["image"], "securityContext": copy.deepcopy(ray.get("securityContext"))})
+    if autoscaler is not None:
+        t["spec"]["containers"].append({"name": "autoscaler", "securityContext": copy.deepcopy(autoscaler.get("securityContext"))})
+    return t
+
+
+def kuberay_pods(doc: dict) -> list[tuple[str, dict]]:
+    """(where, pod) of every pod a RayJob / RayCluster makes, as KubeRay builds it."""
+    spec = ray_cluster_spec(doc)
+    auto = spec.get("autoscalerOptions", {}) if spec.get("enableInTreeAutoscaling") else None
+    out = [(f"{doc['kind']}/{doc['metadata']['name']}/{g}",
+            kuberay_pod(t["template"], "head" if i == 0 else "worker", auto if i == 0 else None))
+           for i, (g, t) in enumerate(groups(doc))]
+    if doc["kind"] == "RayJob" and "submitterPodTemplate" in doc["spec"]:
+        out.append((f"RayJob/{doc['metadata']['name']}/submitter", doc["spec"]["submitterPodTemplate"]))
+    return out
+
+
+def restricted_problems(where: str, template: dict) -> list[str]:
+    """What the Pod Security admission controller at level "restricted" rejects in a pod, and,
+    stricter, any container that does not itself set runAsNonRoot, allowPrivilegeEscalation false,
+    capabilities drop ALL and seccompProfile RuntimeDefault (a container that relies on the pod's
+    settings is not compliant once copied elsewhere — KubeRay copies the Ray container's)."""
+    spec = template["spec"]
+    psc = spec.get("securityContext") or {}
+    errs = [f"{where}: {k}" for k in ("hostNetwork", "hostPID", "hostIPC") if spec.get(k)]
+    errs += [f"{where}: volume {v['name']} of type {sorted(set(v) - {'name'})}" for v in spec.get("volumes", [])
+             if not set(v) - {"name"} <= RESTRICTED_VOLUMES]
+    errs += [f"{where}: sysctl {c['name']}" for c in psc.get("sysctls", []) if c["name"] not in SAFE_SYSCTLS]
+    if psc.get("runAsUser") == 0 or psc.get("runAsNonRoot") is False:
+        errs.append(f"{where}: pod runs as root")
+    if psc.get("seccompProfile", {}).get("type") not in (None, "RuntimeDefault", "Localhost"):
+        errs.append(f"{where}: pod seccompProfile {psc['seccompProfile']}")
+    for c in spec.get("initContainers", []) + spec.get("containers", []):
+        at = f"{where}/{c['name']}"
+        sc = c.get("securityContext") or {}
+        if sc.get("privileged") or sc.get("procMount", "Default") != "Default":
+            errs.append(f"{at}: privileged or unmasked /proc")
+        if any(p.get("hostPort") for p in c.get("ports", [])):
+            errs.append(f"{at}: hostPort")
+        if set(sc.get("capabilities", {}).get("add", [])) - {"NET_BIND_SERVICE"}:
+            errs.append(f"{at}: adds capabilities {sc['capabilities']['add']}")
+        if sc.get("runAsUser", psc.get("runAsUser")) == 0:
+            errs.append(f"{at}: runs as uid 0")
+        own = {"runAsNonRoot": sc.get("runAsNonRoot") is True,
+               "allowPrivilegeEscalation: false": sc.get("allowPrivilegeEscalation") is False,
+               "capabilities drop ALL": "ALL" in sc.get("capabilities", {}).get("drop", []),
+               "seccompProfile RuntimeDefault": sc.get("seccompProfile", {}).get("type") == "RuntimeDefault"}
+        errs += [f"{at}: securityContext lacks {k}" for k, ok in own.items() if not ok]
+    return errs
+
+
+def pod_security_levels(docs: list[dict]) -> dict[str, str]:
+    """The Pod Security labels (enforce/warn/audit -> level) of the namespace ratray."""
+    labels = one(docs, "Namespace", "ratray")["metadata"]["labels"]
+    prefix = "pod-security.kubernetes.io/"
+    return {k[len(prefix):]: v for k, v in labels.items() if k.startswith(prefix) and not k.endswith("-version")}
+
+
 def autoscaler_problems(cluster: dict) -> list[str]:
     """The autoscaler sidecar KubeRay adds to a RayCluster runs hardened like every container."""
     sc = cluster["spec"]["autoscalerOptions"]["securityContext"]
@@ -881,6 +958,7 @@ def traffic_peers(docs: list[dict]) -> dict[str, dict]:
         "head": {"ns": ns, "labels": kuberay_labels(cs["headGroupSpec"]["template"], "head")},
         "worker": {"ns": ns, "labels": kuberay_labels(cs["workerGroupSpecs"][0]["template"], "worker")},
         "submitter": {"ns": ns, "labels": job["spec"]["submitterPodTemplate"]["metadata"]["labels"]},
+        "client": {"ns": ns, "labels": {"app": "notebook", **CLIENT_LABELS}},
         "mlflow": {"ns": ns, "labels": one(docs, "Deployment", "ratray-mlflow")["spec"]["template"]["metadata"]["labels"]},
         "pg": {"ns": ns, "labels": one(docs, "StatefulSet", "ratray-postgres")["spec"]["template"]["metadata"]["labels"]},
         "debug": {"ns": ns, "labels": {"app": "debug"}},
@@ -888,6 +966,37 @@ def traffic_peers(docs: list[dict]) -> dict[str, dict]:
         "operator": {"ns": "kuberay-system", "labels": {"app.kubernetes.io/name": "kuberay-operator"}},
         "fake_operator": {"ns": "default", "labels": {"app.kubernetes.io/name": "kuberay-operator"}},
     }
+
+
+RAY_PORTS = (6379, 8265, 10001, 10002, 52365)  # GCS, dashboard, client, a worker port, agent
+CLIENT_LABELS = {"ratray.io/ray-client": "true"}  # the pods that may submit jobs (dashboard port)
+
+
+def ray_pod_peers(docs: list[dict]) -> list[tuple[str, dict]]:
+    """(where, {ns, labels}) of every Ray pod of every RayJob and RayCluster, as KubeRay labels it."""
+    return [(f"{doc_id(d)}/{g}", {"ns": "ratray", "labels": kuberay_labels(spec["template"], "head" if i == 0 else "worker")})
+            for d in by_kind(docs, "RayJob") + by_kind(docs, "RayCluster") for i, (g, spec) in enumerate(groups(d))]
+
+
+def ray_ingress_problems(docs: list[dict]) -> list[str]:
+    """Every Ray pod is selected by a policy that admits the Ray pods on every port, a labelled
+    client on the dashboard port only (of the head), and no other pod of the namespace at all."""
+    pols = by_kind(docs, "NetworkPolicy")
+    pods = ray_pod_peers(docs)
+    stranger = {"ns": "ratray", "labels": {"app": "debug"}}
+    client = {"ns": "ratray", "labels": dict(CLIENT_LABELS)}
+    errs = []
+    for where, dst in pods:
+        for port in RAY_PORTS:
+            errs += [f"{where}: {w} cannot reach port {port}" for w, src in pods
+                     if not ingress_allowed(pols, dst, src, port)]
+            if ingress_allowed(pols, dst, stranger, port):
+                errs.append(f"{where}: any pod of the namespace reaches port {port}")
+            if port != 8265 and ingress_allowed(pols, dst, client, port):
+                errs.append(f"{where}: a job client reaches port {port}")
+        if dst["labels"]["ray.io/node-type"] == "head" and not ingress_allowed(pols, dst, client, 8265):
+            errs.append(f"{where}: a labelled job client cannot reach the dashboard")
+    return errs
 
 
 if __name__ == "__main__":  # render an overlay like `kubectl kustomize`

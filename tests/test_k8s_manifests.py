@@ -46,6 +46,8 @@ from tests.k8s_rules import (INDEX_RESOURCE, K8S, PARTS, RENDERINGS, ROOT, SHARE
                              parse_ray_resources, pins, project_version, quantity, ray_cluster_spec, render,
                              rendered, resource_problems, secret_refs, security_problems, strict_schema,
                              traffic_peers, validate_builtin)
+from tests.k8s_rules import (kuberay_pods, pod_security_levels, ray_ingress_problems,  # noqa: E402  (issue 13)
+                             restricted_problems)
 
 BUILTIN = [(n, d) for n, d in all_docs() if d["apiVersion"] != "ray.io/v1"]
 RAY_DOCS = [(n, d) for n, d in all_docs() if d["apiVersion"] == "ray.io/v1"]
@@ -349,6 +351,38 @@ def test_only_the_interactive_head_mounts_a_service_account_token(name):
             assert t["spec"].get("automountServiceAccountToken") is False, where
 
 
+@pytest.mark.parametrize("name", sorted(RENDERINGS))
+def test_namespace_enforces_the_restricted_pod_security_standard(name):
+    assert pod_security_levels(rendered(name)) == {"enforce": "restricted", "warn": "restricted",
+                                                   "audit": "restricted"}
+
+
+@pytest.mark.parametrize("name", sorted(RENDERINGS))
+def test_every_container_is_restricted_compliant(name):
+    """Every pod the namespace gets — KubeRay's injected init container and autoscaler sidecar
+    included — passes the "restricted" level, each container with its own securityContext."""
+    docs = rendered(name)
+    pods = [(w, t) for w, t in all_pod_templates(docs) if not w.startswith(("RayJob/", "RayCluster/"))]
+    pods += [pt for d in by_kind(docs, "RayJob") + by_kind(docs, "RayCluster") for pt in kuberay_pods(d)]
+    assert any(c["name"] == "wait-gcs-ready" for _, t in pods for c in t["spec"].get("initContainers", []))
+    assert [e for where, t in pods for e in restricted_problems(where, t)] == []
+
+
+@pytest.mark.parametrize("mutate, problem", [
+    (lambda t: t["spec"]["containers"][0]["securityContext"].pop("seccompProfile", None), "lacks seccompProfile"),
+    (lambda t: t["spec"]["containers"][0]["securityContext"].pop("runAsNonRoot", None), "lacks runAsNonRoot"),
+    (lambda t: t["spec"]["volumes"].append({"name": "h", "hostPath": {"path": "/"}}), "volume h of type ['hostPath']"),
+    (lambda t: t["spec"]["containers"][0]["securityContext"].update(capabilities={"drop": ["ALL"], "add": ["SYS_ADMIN"]}),
+     "adds capabilities"),
+    (lambda t: t["spec"]["securityContext"].update(runAsUser=0), "runs as uid 0"),
+], ids=["seccomp", "run-as-non-root", "host-path", "capability", "root"])
+def test_restricted_rule_rejects_what_pod_security_admission_rejects(mutate, problem):
+    t = copy.deepcopy(one(rendered("base"), "StatefulSet", "ratray-postgres")["spec"]["template"])
+    assert restricted_problems("pg", t) == []
+    mutate(t)
+    assert any(problem in e for e in restricted_problems("pg", t)), restricted_problems("pg", t)
+
+
 def test_security_rules_reject_privilege_escalation():
     bad = one(rendered("base"), "StatefulSet", "ratray-postgres")
     assert security_problems("pg", bad["spec"]["template"]) == []
@@ -650,8 +684,11 @@ TRAFFIC = [  # destination, source, port, allowed
     ("pg", "mlflow", 5432, True),
     ("pg", "head", 5432, False), ("pg", "worker", 5432, False), ("pg", "debug", 5432, False),
     ("pg", "outsider", 5432, False),
-    ("head", "submitter", 8265, True), ("head", "worker", 6379, True),
-    ("head", "debug", 8265, True),  # same namespace: a client pod may submit
+    ("head", "submitter", 8265, True), ("head", "worker", 6379, True), ("worker", "head", 10002, True),
+    ("head", "client", 8265, True),  # a pod labelled ratray.io/ray-client may submit jobs ...
+    ("head", "client", 6379, False), ("head", "submitter", 6379, False), ("worker", "client", 10002, False),
+    ("head", "debug", 8265, False), ("head", "debug", 6379, False),  # ... no other pod of the namespace
+    ("worker", "debug", 10002, False), ("worker", "submitter", 10002, False), ("head", "mlflow", 6379, False),
     ("head", "operator", 8265, True),  # KubeRay polls job status
     ("head", "outsider", 8265, False), ("head", "outsider", 6379, False), ("head", "outsider", 10001, False),
     ("head", "operator", 6379, False), ("head", "fake_operator", 8265, False),
@@ -665,6 +702,20 @@ def test_network_policies_admit_only_the_intended_traffic(name, dst, src, port, 
     docs = rendered(name)
     peers = traffic_peers(docs)
     assert ingress_allowed(by_kind(docs, "NetworkPolicy"), peers[dst], peers[src], port) is allowed
+
+
+@pytest.mark.parametrize("name", sorted(RENDERINGS))
+def test_network_policy_selects_every_ray_pod_and_admits_only_the_cluster_and_job_clients(name):
+    assert ray_ingress_problems(rendered(name)) == []
+
+
+def test_ray_ingress_rule_catches_a_namespace_wide_rule():
+    """The policy before issue 13 (`from: [podSelector: {}]`, any port) let any pod of the namespace in."""
+    docs = rendered("base")
+    for p in by_kind(docs, "NetworkPolicy"):
+        if p["metadata"]["name"] == "ratray-ray-ingress":
+            p["spec"]["ingress"].insert(0, {"from": [{"podSelector": {}}]})
+    assert any("any pod of the namespace reaches port 6379" in e for e in ray_ingress_problems(docs))
 
 
 def test_network_policy_evaluator_notices_an_open_policy():
