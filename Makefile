@@ -15,7 +15,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export OMP_WAIT_POLICY ?= PASSIVE
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 
-.PHONY: venv test demo realm-demo build-index bench lock clean
+.PHONY: venv test demo realm-demo build-index bench chaos lock clean
 
 venv: $(STAMP)
 
@@ -42,6 +42,11 @@ realm-demo: venv
 # Build the chunk store, embeddings and a sharded index over a capped stdlib corpus.
 build-index: venv
 	$(PY) jobs/build_index.py --workdir $(WORKDIR) --set corpus.max_docs=150
+
+# The chaos suite (bench/chaos.py): real runs through Ray while shards, Ray Train workers, the
+# RefreshService and builds are killed; a JSON report per scenario in chaos.json (~15 min).
+chaos: venv
+	$(PY) bench/chaos.py --out chaos.json
 
 bench: venv
 	$(PY) bench/index_qps.py
