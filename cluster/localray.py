@@ -9,8 +9,8 @@
 What this does on `up` (facts verified on Ray 2.60, see tests/test_cluster_local.py):
 
 - Runs ``ray start --head`` in its own session (``setsid``), with ``--temp-dir
-  /tmp/ratray-ray-<port>``. The private temp dir means the head's address is written to
-  ``/tmp/ratray-ray-<port>/ray_current_cluster`` and *not* ``/tmp/ray/ray_current_cluster``, so a
+  /tmp/ratray-ray-<port>/ray``. The private temp dir means the head's address is written to
+  ``/tmp/ratray-ray-<port>/ray/ray_current_cluster`` and *not* ``/tmp/ray/ray_current_cluster``, so a
   plain ``ray.init()`` elsewhere on the machine (the test suite, someone else's run) keeps starting
   its own local Ray instead of attaching to this head (which would fail: passing ``num_cpus`` to an
   existing cluster raises).
@@ -18,9 +18,13 @@ What this does on `up` (facts verified on Ray 2.60, see tests/test_cluster_local
   ``port+1``, dashboard agent HTTP ``port+2`` (Ray's defaults 10001/52365 are shared by every
   local Ray, and 10001 can't be used anyway next to the default worker-port range 10002-19999);
   all other ports are picked free by Ray. Two heads with ports ≥ 3 apart never clash.
-- Binding: the dashboard/job API listens on 127.0.0.1 only. The GCS (``port``), raylet and agent
-  ports listen on **all interfaces** whatever we pass: ``--node-ip-address 127.0.0.1`` is rewritten
-  by Ray to the machine's IP (``resolve_ip_for_localhost``) and there is no bind option. Hence:
+- Binding: the head listens on **127.0.0.1 only** — the dashboard/job API
+  (``--dashboard-host=127.0.0.1``) and the GCS, raylet, object manager, client server and agents,
+  which bind the node IP when it is 127.0.0.1 (``--node-ip-address=127.0.0.1``). Ray rewrites a
+  loopback node IP to the machine's address (``resolve_ip_for_localhost``) unless
+  ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` — Ray's own switch for a single-machine cluster, whose
+  only other effect is that no other node may join — so the head runs with it. Nothing on the
+  network reaches the head; tests/test_cluster_local.py lists its listening sockets. Still:
 - **Auth policy: the local head always runs with token auth** (``RAY_AUTH_MODE=token``). If no
   token is available (``$RAY_AUTH_TOKEN``, ``$RAY_AUTH_TOKEN_PATH`` or ``$HOME/.ray/auth_token``),
   ``up`` creates one with ``ray get-auth-token --generate`` (the standard file, the same one a
@@ -40,7 +44,12 @@ What this does on `up` (facts verified on Ray 2.60, see tests/test_cluster_local
   the GCS (``ray stop``'s order), SIGKILL after a grace period. It never runs ``ray stop``, which
   kills *every* Ray process on the machine.
 - State (ports, pids, marker, auth) lives in ``/tmp/ratray-ray-<port>/ratray_head.json``; ``up`` is
-  idempotent (a live head it started is reused) and a stale state file is replaced.
+  idempotent (a live head it started is reused) and a stale state file is replaced. The folder sits
+  in a world-writable temp dir, and its state file says which processes ``down`` kills: a folder
+  that is a symlink, belongs to another user or is writable by group or others is refused
+  (ClusterError), never read; ``up`` creates it with mode 0700. Ray's temp dir is its subfolder
+  ``ray`` (Ray makes that one mode 0777 for other users' drivers: the 0700 folder around it keeps
+  them out).
 
 ``up`` returns the job-submission address ``http://127.0.0.1:<dashboard_port>``; ``gcs_address``
 is ``<node ip>:<port>`` for ``ray.init(address=...)``. Don't export ``env()`` into a shell where
@@ -54,6 +63,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -108,6 +118,23 @@ def _alive(pid: int, create_time: float | None = None) -> bool:
         return False
 
 
+def check_state_dir(path: Path) -> None:
+    """ClusterError unless `path` is absent or a real folder of this user that nobody else may
+    write: it lies in a world-writable temp dir, and its state file decides what `down` kills."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise ClusterError(f"state folder {path} is a symlink or not a folder: remove it")
+    if st.st_uid != os.geteuid():
+        raise ClusterError(f"state folder {path} belongs to uid {st.st_uid}, not to you (uid {os.geteuid()}): "
+                           f"someone else made it; remove it or use another --port")
+    if st.st_mode & 0o022:
+        raise ClusterError(f"state folder {path} is writable by others (mode {oct(st.st_mode & 0o777)}): "
+                           f"remove it, or chmod go-w it if it is yours")
+
+
 class LocalRay:
     """One local Ray head started (and stopped) by ratray. See the module docstring."""
 
@@ -126,6 +153,7 @@ class LocalRay:
         self.port = int(port)
         self.dashboard_port = int(dashboard_port)
         self.temp_dir = Path(self._temp_dir_arg or Path(tempfile.gettempdir()) / f"ratray-ray-{self.port}")
+        check_state_dir(self.temp_dir)
         state = self.read_state()
         if state:  # a head already started on this port decides the ports/auth
             self.dashboard_port = state["dashboard_port"]
@@ -141,6 +169,11 @@ class LocalRay:
     def gcs_address(self) -> str | None:
         state = self.read_state()
         return state.get("gcs_address") if state else None
+
+    @property
+    def ray_dir(self) -> Path:
+        """Ray's --temp-dir (sessions, logs, sockets): inside the private state folder."""
+        return self.temp_dir / "ray"
 
     @property
     def state_path(self) -> Path:
@@ -185,8 +218,18 @@ class LocalRay:
         return True
 
     # -- state --------------------------------------------------------------------------------
+    def make_state_dir(self) -> None:
+        """Create the state folder private to this user (0700), or check the one that exists."""
+        self.temp_dir.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.temp_dir.mkdir(mode=0o700)
+        except FileExistsError:
+            pass
+        check_state_dir(self.temp_dir)
+
     def read_state(self) -> dict | None:
         """The state file `up` wrote (ports, pids, marker, auth), None when there is none."""
+        check_state_dir(self.temp_dir)
         try:
             return json.loads(self.state_path.read_text())
         except (OSError, ValueError):
@@ -221,23 +264,26 @@ class LocalRay:
             if port_busy(p):
                 raise ClusterError(f"port {p} ({what}) is already in use by another process: "
                                    "choose other --port/--dashboard-port")
-        if len(str(self.temp_dir.resolve())) > MAX_TEMP_DIR_CHARS:
-            raise ClusterError(f"temp dir {self.temp_dir} is too long for Ray's unix sockets "
+        if len(str(self.ray_dir.resolve())) > MAX_TEMP_DIR_CHARS:
+            raise ClusterError(f"Ray's temp dir {self.ray_dir} is too long for its unix sockets "
                                f"(AF_UNIX paths ≤ 107 bytes incl. session_*/sockets/plasma_store): "
-                               f"use ≤ {MAX_TEMP_DIR_CHARS} characters, e.g. /tmp/ratray-ray-{self.port}")
+                               f"use a temp dir of ≤ {MAX_TEMP_DIR_CHARS - 4} characters, e.g. "
+                               f"/tmp/ratray-ray-{self.port}")
         generated = self.ensure_token() if self.auth == "token" else False
 
-        self.temp_dir.mkdir(parents=True, exist_ok=True)
+        self.make_state_dir()
         marker = uuid.uuid4().hex
         env = self.base_env()
         env[MARKER_ENV] = marker
         env["PATH"] = str(Path(self.python).parent) + os.pathsep + env.get("PATH", "")
+        env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # keeps the node IP 127.0.0.1 (docstring)
         for k in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
             env.pop(k, None)
         cmd = [ray_exe(self.python), "start", "--head", f"--num-cpus={int(num_cpus)}",
-               f"--port={self.port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+               f"--port={self.port}", "--node-ip-address=127.0.0.1",
+               "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={client_port}",
-               f"--dashboard-agent-listen-port={agent_port}", f"--temp-dir={self.temp_dir}",
+               f"--dashboard-agent-listen-port={agent_port}", f"--temp-dir={self.ray_dir}",
                "--disable-usage-stats"]
         if object_store_memory:
             cmd.append(f"--object-store-memory={int(object_store_memory)}")
@@ -265,8 +311,8 @@ class LocalRay:
             self._stop_processes(state, grace=5.0)
             raise ClusterError(f"`ray start` returned but no gcs_server of this head is running; see {log_path}")
         state.update(gcs_pid=gcs.pid, gcs_create_time=gcs.create_time(),
-                     gcs_address=(Path(self.temp_dir, "ray_current_cluster").read_text().strip()
-                                  if Path(self.temp_dir, "ray_current_cluster").exists() else None))
+                     gcs_address=(Path(self.ray_dir, "ray_current_cluster").read_text().strip()
+                                  if Path(self.ray_dir, "ray_current_cluster").exists() else None))
         self.state_path.write_text(json.dumps(state, indent=1))
         self._wait_http(deadline=t0 + timeout)
         if not quiet:
@@ -492,8 +538,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-wait", action="store_true")
     args = ap.parse_args(argv)
 
-    lr = LocalRay(port=args.port, dashboard_port=args.dashboard_port, auth=args.auth)
     try:
+        lr = LocalRay(port=args.port, dashboard_port=args.dashboard_port, auth=args.auth)
         if args.command == "up":
             print(lr.up(num_cpus=args.num_cpus, object_store_memory=args.object_store_memory))
             return 0

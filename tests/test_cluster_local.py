@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import ipaddress
 import json
 import os
 import shutil
@@ -69,6 +70,77 @@ def test_local_sh_runs_the_cli_and_reports_a_head_that_is_not_up(tmp_path):
     assert r.returncode == 2 and "invalid choice: 'start'" in r.stderr, r.stderr
 
 
+def _foreign(path: Path, monkeypatch) -> None:
+    """Make `path` belong to another user: chown to nobody where we may (root), else make this
+    process look like another user to the check."""
+    if os.geteuid() == 0:
+        os.chown(path, 65534, 65534)
+    else:
+        real = os.geteuid()
+        monkeypatch.setattr(localray.os, "geteuid", lambda: real + 1)
+
+
+@pytest.mark.parametrize("plant, error", [
+    (lambda d, mp: _foreign(d, mp), r"belongs to uid \d+, not to you"),
+    (lambda d, mp: d.chmod(0o777), r"is writable by others \(mode 0o777\)"),
+    (lambda d, mp: d.chmod(0o770), r"is writable by others \(mode 0o770\)"),
+], ids=["other-owner", "world-writable", "group-writable"])
+def test_state_folder_planted_by_someone_else_is_refused(tmp_path, monkeypatch, plant, error):
+    """The state folder lives under a world-writable temp dir: a folder (or a ratray_head.json
+    telling `down` which processes to kill) planted there by another user is refused, not trusted."""
+    state_dir = tmp_path / "ratray-ray-7000"
+    state_dir.mkdir(mode=0o700)
+    (state_dir / localray.STATE_FILE).write_text(json.dumps({"gcs_pid": 1, "dashboard_port": 1, "auth": "disabled"}))
+    plant(state_dir, monkeypatch)
+    with pytest.raises(localray.ClusterError, match=rf"state folder {state_dir} {error}"):
+        LocalRay(port=7000, temp_dir=state_dir)
+
+
+def test_state_folder_that_is_a_symlink_is_refused(tmp_path):
+    (tmp_path / "elsewhere").mkdir(mode=0o700)
+    (tmp_path / "ratray-ray-7000").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(localray.ClusterError, match="is a symlink"):
+        LocalRay(port=7000, temp_dir=tmp_path / "ratray-ray-7000")
+
+
+def test_local_sh_refuses_a_world_writable_state_folder_in_one_line(tmp_path):
+    port = next(p for p in range(7100, 7300, 7) if not Path(tempfile.gettempdir(), f"ratray-ray-{p}").exists())
+    state_dir = Path(tempfile.gettempdir(), f"ratray-ray-{port}")
+    state_dir.mkdir()
+    try:
+        state_dir.chmod(0o777)
+        env = {**os.environ, "PYTHON": sys.executable, "RATRAY_RAY_PORT": str(port), "HOME": str(tmp_path)}
+        r = subprocess.run([str(ROOT / "cluster" / "local.sh"), "status"], env=env, capture_output=True,
+                           text=True, timeout=60)
+    finally:
+        shutil.rmtree(state_dir)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines() == [f"ratray: state folder {state_dir} is writable by others (mode 0o777): "
+                                             f"remove it, or chmod go-w it if it is yours"]
+
+
+def test_a_new_state_folder_is_private(tmp_path):
+    lr = LocalRay(port=7000, temp_dir=tmp_path / "fresh")
+    lr.make_state_dir()
+    assert (tmp_path / "fresh").stat().st_mode & 0o777 == 0o700
+
+
+def _listening(pids: list[int]) -> set[tuple[str, int]]:
+    """(address, port) of every TCP socket the processes listen on; an IPv4-mapped IPv6 address
+    (gRPC's ::ffff:127.0.0.1) as its IPv4 address."""
+    out = set()
+    for pid in pids:
+        try:
+            conns = psutil.Process(pid).net_connections(kind="inet")
+        except psutil.Error:
+            continue
+        for c in conns:
+            if c.status == psutil.CONN_LISTEN:
+                ip = ipaddress.ip_address(c.laddr.ip)
+                out.add((str(getattr(ip, "ipv4_mapped", None) or ip), c.laddr.port))
+    return out
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("token_exists", [False, True], ids=["no-token-file", "token-file"])
 def test_local_head_submit_and_down(tmp_path, token_exists):
@@ -86,6 +158,11 @@ def test_local_head_submit_and_down(tmp_path, token_exists):
         assert addr == f"http://127.0.0.1:{dash}" and lr.is_up()
         assert lr.up(num_cpus=1) == addr  # idempotent: reuses the running head
         gcs_pid = lr.read_state()["gcs_pid"]
+        # bound to the loopback interface: the GCS address and every listening socket of the head
+        assert lr.gcs_address == f"127.0.0.1:{port}"
+        listening = _listening(lr.processes())
+        assert ("127.0.0.1", port) in listening and ("127.0.0.1", dash) in listening
+        assert {ip for ip, _ in listening} == {"127.0.0.1"}, sorted(listening)
         # policy: token auth always on; a token was generated only when missing
         assert token_file.is_file() and token_file.read_text().strip()
         if token_exists:
