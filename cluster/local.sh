@@ -8,8 +8,9 @@
 #   eval "$(cluster/local.sh env)"     # RAY_ADDRESS / RAY_AUTH_MODE for plain `ray job ...` commands
 #   cluster/local.sh down              # stops only this head (never `ray stop`, which stops every Ray)
 #
-# The head always runs with Ray token auth (a token is generated in ~/.ray/auth_token if missing);
-# see the docstring of cluster/localray.py for why and for the ports it uses.
+# The head always runs with Ray token auth (a token is generated in ~/.ray/auth_token if missing)
+# and listens on 127.0.0.1 only; its state folder /tmp/ratray-ray-<port> must be yours and not
+# writable by others. See the docstring of cluster/localray.py for why and for the ports it uses.
 # RATRAY_RAY_PORT / RATRAY_RAY_DASHBOARD_PORT change the default ports; PYTHON the interpreter.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -19,7 +20,7 @@ if [[ ! -x "$PY" ]]; then
   exit 2
 fi
 if [[ $# -lt 1 ]]; then
-  sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
   exit 2
 fi
 export RAY_USAGE_STATS_ENABLED="${RAY_USAGE_STATS_ENABLED:-0}"

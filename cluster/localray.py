@@ -128,8 +128,8 @@ def check_state_dir(path: Path) -> None:
     if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
         raise ClusterError(f"state folder {path} is a symlink or not a folder: remove it")
     if st.st_uid != os.geteuid():
-        raise ClusterError(f"state folder {path} belongs to uid {st.st_uid}, not to you (uid {os.geteuid()}): "
-                           f"someone else made it; remove it or use another --port")
+        raise ClusterError(f"state folder {path} belongs to uid {st.st_uid}, not to you "
+                           f"(uid {os.geteuid()}): someone else made it; remove it or use another --port")
     if st.st_mode & 0o022:
         raise ClusterError(f"state folder {path} is writable by others (mode {oct(st.st_mode & 0o777)}): "
                            f"remove it, or chmod go-w it if it is yours")

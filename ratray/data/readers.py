@@ -46,6 +46,7 @@ JSON_DOCUMENT_MAX_BYTES = 256 << 20  # a larger whole-document .json is not pars
 GZIP_MAX_RATIO = 200  # text compresses ~3-20×; far beyond that is a bomb, not a corpus
 GZIP_MIN_CAP = 64 << 20  # decompressed bytes always allowed, whatever the ratio
 
+Docs = Iterator[tuple[Document, int]]  # what a reader yields: a document and its UTF-8 bytes
 _KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
           (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder"))
 
@@ -168,7 +169,7 @@ def _line_limit(cfg: CorpusConfig) -> int:
     return JSON_ESCAPE_FACTOR * cfg.max_doc_bytes + LINE_SLACK_BYTES
 
 
-def read_file(path: Path, root: Path, cfg: CorpusConfig, skips: SkipReport) -> Iterator[tuple[Document, int]]:
+def read_file(path: Path, root: Path, cfg: CorpusConfig, skips: SkipReport) -> Docs:
     """The documents of one corpus file, in the format `file_format` gives it (see the module docstring)."""
     fmt = file_format(path, cfg)
     try:
@@ -220,7 +221,7 @@ def _title_for(rel: Path) -> str:
 
 
 def _read_text(path: Path, f: BinaryIO, root: Path, cfg: CorpusConfig,
-               skips: SkipReport) -> Iterator[tuple[Document, int]]:
+               skips: SkipReport) -> Docs:
     where = str(path)
     if not _is_gzip(path):
         size = os.fstat(f.fileno()).st_size
@@ -289,7 +290,7 @@ def _row(row: object, label: str, where: str, cfg: CorpusConfig,
     return _accept(doc_id, text, title, where, cfg, skips)
 
 
-def _read_jsonl(path: Path, f: BinaryIO, cfg: CorpusConfig, skips: SkipReport) -> Iterator[tuple[Document, int]]:
+def _read_jsonl(path: Path, f: BinaryIO, cfg: CorpusConfig, skips: SkipReport) -> Docs:
     """One JSON object per line. Blank lines are ignored; a null text is skipped as "empty"."""
     limit = _line_limit(cfg)
     for lineno, raw in bounded_lines(f, limit):
@@ -308,7 +309,8 @@ def _read_jsonl(path: Path, f: BinaryIO, cfg: CorpusConfig, skips: SkipReport) -
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise CorpusError(f"{path}, line {lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+            raise CorpusError(f"{path}, line {lineno}: malformed JSON "
+                              f"({e.msg} at column {e.colno})") from None
         except RecursionError:
             raise CorpusError(f"{path}, line {lineno}: malformed JSON (nested too deeply)") from None
         if (got := _row(row, f"{path}, line {lineno}", where, cfg, skips)) is not None:
@@ -341,7 +343,7 @@ def _json_kind(f: BinaryIO, cfg: CorpusConfig) -> tuple[str, str | None]:
 
 
 def _read_json_document(path: Path, f: BinaryIO, cfg: CorpusConfig,
-                        skips: SkipReport) -> Iterator[tuple[Document, int]]:
+                        skips: SkipReport) -> Docs:
     """A `.json` file holding one JSON document: an object (one document) or an array of objects."""
     data = f.read(JSON_DOCUMENT_MAX_BYTES + 1)
     if len(data) > JSON_DOCUMENT_MAX_BYTES:
@@ -364,7 +366,8 @@ def _read_json_document(path: Path, f: BinaryIO, cfg: CorpusConfig,
     elif isinstance(doc, list):
         rows = [(r, f"{path}, item {i}", f"{path}[{i}]") for i, r in enumerate(doc)]
     else:
-        skips.add("not_documents", f"{path} (a JSON {type(doc).__name__}, not an object or an array of objects)")
+        skips.add("not_documents", f"{path} (a JSON {type(doc).__name__}, not an object or an array of "
+                                   f"objects)")
         return
     if not rows:
         skips.add("empty", str(path))
@@ -384,7 +387,7 @@ def _text_type(t: pa.DataType) -> bool:
     return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
 
 
-def _read_parquet(path: Path, f: BinaryIO, cfg: CorpusConfig, skips: SkipReport) -> Iterator[tuple[Document, int]]:
+def _read_parquet(path: Path, f: BinaryIO, cfg: CorpusConfig, skips: SkipReport) -> Docs:
     """One row per document, streamed in record batches. Columns are checked against the schema
     before any row is read; a null text is skipped as "empty", a null id is an error."""
     try:
