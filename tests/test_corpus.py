@@ -5,6 +5,7 @@ import json
 import operator
 import os
 import shutil
+import signal
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -614,9 +615,19 @@ def test_unreadable_file_and_folder_are_counted_skips(tmp_path, monkeypatch):
 
 def test_fifo_in_the_corpus_is_skipped_without_opening_it(tmp_path):
     os.mkfifo(tmp_path / "pipe.txt")  # opening it for reading would block until a writer comes
-    _, skips = _only(tmp_path, "not_regular")
-    assert skips.examples["not_regular"] == [f"{tmp_path / 'pipe.txt'} (a FIFO)"]
-    assert len(corpus_fingerprint(CorpusConfig(path=str(tmp_path)))) == 64
+
+    def blocked(*_):
+        raise TimeoutError("reading the corpus blocked on the FIFO")
+
+    previous = signal.signal(signal.SIGALRM, blocked)  # a regression fails, never hangs the suite
+    signal.alarm(20)
+    try:
+        _, skips = _only(tmp_path, "not_regular")
+        fp = corpus_fingerprint(CorpusConfig(path=str(tmp_path)))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert skips.examples["not_regular"] == [f"{tmp_path / 'pipe.txt'} (a FIFO)"] and len(fp) == 64
 
 
 def test_dangling_symlink_is_a_counted_skip_naming_the_link(tmp_path):
