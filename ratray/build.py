@@ -28,7 +28,7 @@ from ratray.index.build import build_index, build_settings
 from ratray.index.embed import embed_with_cache
 from ratray.index.search import exact_search
 from ratray.index.service import ShardedIndex
-from ratray.index.store import Manifest, load_manifest, write_manifest
+from ratray.index.store import Manifest, check_embedding_model, load_manifest, write_manifest
 from ratray.pretrained import model_id
 from ratray.workdir import Workdir
 
@@ -100,12 +100,24 @@ def measure_overlap(client, store: ChunkStore, all_vectors: np.ndarray, k: int) 
 
 
 def build(cfg: BuildConfig, progress: bool = True) -> dict:
-    """Run the whole build; returns the summary (also written to `<workdir>/index/summary.json`)."""
+    """Run the whole build; returns the summary (also written to `<workdir>/index/summary.json`).
+
+    Holds the workdir's lock throughout: a second build into the same workdir fails at once
+    (WorkdirBusyError, naming the holder) instead of racing this one. Before any work: what killed
+    builds left is removed, and a workdir whose index another embedding model built is refused."""
+    wd = Workdir(cfg.workdir)
+    with wd.locked("build"):
+        removed = wd.remove_leftovers()
+        if removed:
+            log.warning("removed leftovers of interrupted builds: %s", ", ".join(removed))
+        check_embedding_model(wd.index, model_id(cfg.embed.model), rebuild_ok=True)
+        return _build(cfg, wd, progress)
+
+
+def _build(cfg: BuildConfig, wd: Workdir, progress: bool) -> dict:
     import ray
 
     t_all = time.perf_counter()
-    wd = Workdir(cfg.workdir)
-    wd.root.mkdir(parents=True, exist_ok=True)
     if not ray.is_initialized():
         ray.init(namespace=cfg.service.namespace, log_to_driver=False)
     timings: dict[str, float] = {}

@@ -59,10 +59,12 @@ def run_job(work: Callable[[], str]) -> int:
     from ratray.data.chunks import ChunkStoreError
     from ratray.data.corpus import CorpusError
     from ratray.pretrained import PretrainedModelError
+    from ratray.workdir import WorkdirError
 
     try:
         text = work()
-    except (ConfigError, CorpusError, ChunkStoreError, PretrainedModelError, FileNotFoundError) as e:
+    except (ConfigError, CorpusError, ChunkStoreError, PretrainedModelError, WorkdirError,
+            FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(text)

@@ -138,3 +138,18 @@ def test_first_request_covers_the_excluded_documents_chunks_so_no_widening(env):
     _, pos = exact_search(vectors[db], q, len(db), "l2")
     for j in range(len(q)):
         assert ids[j].tolist() == [c for c in db[pos[j]] if c in admissible][:2]
+
+
+def test_chunk_vectors_are_written_beside_another_writers_temp_file(env, small_workdir, tmp_path):
+    # another run writing the same file at the same moment holds the temp name a fixed scheme
+    # would pick (here a folder, so a collision fails loudly instead of by timing)
+    from ratray.pretrained import model_id
+
+    store, _, vectors = env
+    _, cfg, _ = small_workdir
+    w = Workdir(small_workdir[0])
+    final = tmp_path / f"chunk-vectors-{store.key[:16]}-{model_id(cfg.embed.model)}.npy"
+    final.with_suffix(".tmp.npy").mkdir()
+    path = ensure_chunk_vectors(store, cfg.embed, w.embeddings, tmp_path, progress=False)
+    assert path == final and np.array_equal(np.load(path), np.load(vectors.path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([final.name, final.name[:-4] + ".tmp.npy"])

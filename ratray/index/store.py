@@ -21,6 +21,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from ratray.config import ConfigError
 from ratray.index.factory import IndexBuildError, faiss_message, set_pq_tables, set_search_params
 from ratray.index.search import enable_reconstruct
 
@@ -121,6 +122,27 @@ def load_shard(index_dir: str | Path, i: int, manifest: Manifest | None = None,
     return index, ids.astype(np.int64, copy=False)
 
 
+
+
+class EmbeddingModelMismatch(ConfigError):
+    """The index was built with another embedding model than the configured one."""
+
+
+def check_embedding_model(index_dir: str | Path, model: str, rebuild_ok: bool = False) -> None:
+    """Refuse an index built by another embedding model than `model` (a `model_id`: name-digest),
+    naming both: its vectors and the config's queries would not be comparable (with the same
+    dimension: silently wrong). `rebuild_ok` (a build about to rebuild the index): the same model
+    whose weights changed in place is fine. No index there: nothing to check."""
+    try:
+        m = load_manifest(serving_dir(index_dir))
+    except (IndexBuildError, FileNotFoundError):
+        return
+    have = m.embedding_model
+    same_name = have.rsplit("-", 1)[0] == model.rsplit("-", 1)[0]
+    if have != model and not (rebuild_ok and same_name):
+        raise EmbeddingModelMismatch(
+            f"index {index_dir} was built with embedding model {have!r} ({m.dim}-d); the config's "
+            f"embed.model is {model!r}: use another workdir, or remove {index_dir} and build again")
 
 
 # ---------------------------------------------------------------------------------------------

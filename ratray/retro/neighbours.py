@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,10 +71,16 @@ def ensure_chunk_vectors(store: ChunkStore, embed_cfg, cache_root, out_dir, prog
         return path
     vecs, _ = embed_with_cache(store.texts(np.arange(len(store))), embed_cfg, cache_root, progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npy")
-    np.save(tmp, vecs)
-    tmp.rename(path)
+    tmp = _tmp_name(path)
+    with open(tmp, "wb") as f:
+        np.save(f, vecs)
+    os.replace(tmp, path)
     return path
+
+
+def _tmp_name(path: Path) -> Path:
+    """A temp name for `path` no other writer uses (two runs may write one table at once)."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
 class ChunkVectors:
@@ -165,9 +173,9 @@ def precompute_neighbours(store: ChunkStore, index, split: str, seq_chunks: int,
     flat = layout.reshape(-1)
     ids, dist = ids.reshape(len(flat), k), dist.reshape(len(flat), k)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = _tmp_name(path)
     pq.write_table(pa.table({"chunk_id": flat, "neighbours": list(ids), "distances": list(dist)}), tmp)
-    tmp.rename(path)
+    os.replace(tmp, path)
     return NeighbourTable(layout, ids.reshape(*layout.shape, k), dist.reshape(*layout.shape, k), path)
 
 
