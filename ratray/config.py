@@ -136,9 +136,13 @@ class ServiceConfig:
     # advertise them (a KubeRay index worker group) host shards. {} = any node
     resources: dict = field(default_factory=dict)
     num_gpus: float = 0.0  # GPU share each shard actor requests; > 0 serves its shard from faiss-gpu
+    # the longest wait for a shard (its start, any search): past it the step fails with an error
+    # naming the shard and why Ray has not placed it (e.g. a resource no node has), not a hang
+    timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
         check(0.0 <= self.num_gpus <= 1.0, "service.num_gpus", "must be in [0, 1]")
+        check(self.timeout_s > 0, "service.timeout_s", "must be > 0 seconds")
         check(0.0 <= self.num_cpus < 1.0, "service.num_cpus",
                "must be in [0, 1): shard actors must not reserve whole CPUs")
         check(isinstance(self.resources, dict) and all(

@@ -6,6 +6,8 @@ another Ray task (as a Ray Train worker does), zero CPU reservations, version mi
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -14,7 +16,8 @@ import pytest
 
 from ratray.config import IndexConfig, ServiceConfig
 from ratray.index.build import build_index
-from ratray.index.service import ShardedIndex, ShardVersionError, actor_name
+from ratray.index.service import (ShardedIndex, ShardTimeoutError, ShardVersionError, actor_name,
+                                  shard_actor_class)
 from tests.test_index import brute_force, chunk_ids, mixture
 
 NS = "ratray-svc-tests"
@@ -245,3 +248,87 @@ def test_shard_asked_for_a_gpu_serves_from_the_cpu_and_says_why_when_there_is_no
     D, I, v = shard.search(q[:5], 4)
     assert np.array_equal(I, brute_force(x[:500], ids[:500], q[:5], 4, "l2")[1]) and v == 1
     assert "no GPU" in shard.info()["gpu"]
+
+
+# ---------------------------------------------------------------------------------------------
+# every wait for a shard is bounded (service.timeout_s) and says which shard and why
+
+
+@pytest.fixture
+def two_shards(ray_session, data, tmp_path):
+    x, ids, _ = data
+    build_index(x[:400], ids[:400], tmp_path / "i", IndexConfig(factory="Flat", shards=2), "t")
+    return str(tmp_path / "i")
+
+
+@pytest.mark.parametrize("transport", ["socket", "ray"])
+def test_a_shard_that_cannot_be_placed_fails_the_search_within_the_timeout_naming_it(
+        ray_session, data, two_shards, transport):
+    """Shard 1's actor is gone and what replaces it asks for a resource no node has (its node
+    left the cluster): the search fails after `timeout_s` naming the shard and the resource, over
+    the socket channel (whose peer died: the Ray-call fallback waits) and over Ray calls."""
+    ray = ray_session
+    name = f"unplaceable-{transport}"
+    index = ShardedIndex.launch(two_shards, ServiceConfig(name=name, namespace=NS, transport=transport))
+    _, _, q = data
+    try:
+        index.search(q[:4], 5)  # channels open (socket)
+        pid = index.info()[1]["pid"]
+        ray.kill(index.actors[1], no_restart=True)
+        deadline = time.monotonic() + 30  # ray.kill is asynchronous: wait for the process to end
+        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        index.actors[1] = shard_actor_class(8).options(
+            namespace=NS, num_cpus=0, resources={"no_such_node": 1}, max_restarts=-1,
+            max_task_retries=-1).remote(two_shards, 1, 0, False, 0, transport)
+        index.timeout_s = 2.0
+        t0 = time.monotonic()
+        with pytest.raises(ShardTimeoutError) as e:
+            index.search_async(q[:4], 5).result()
+        waited = time.monotonic() - t0
+        msg = str(e.value)
+        assert f"index shard 1 (actor {NS}/{actor_name(name, 1)}) did not answer the search " \
+               "within 2 s" in msg, msg
+        assert "PENDING_CREATION" in msg and "no node of the cluster has no_such_node" in msg, msg
+        assert waited < 12  # the socket path also re-asks shard 1 for its address (<= timeout_s)
+    finally:
+        ray.kill(index.actors[1], no_restart=True)
+        index.shutdown()
+
+
+def test_a_stuck_shard_fails_the_search_over_its_socket_within_the_timeout(ray_session, data,
+                                                                            two_shards):
+    """A shard process that stops answering (SIGSTOP: a hung node) while its channel stays open."""
+    _, _, q = data
+    index = ShardedIndex.launch(two_shards, ServiceConfig(name="stuck", namespace=NS))
+    pid = index.info()[1]["pid"]
+    try:
+        want = index.search(q[:4], 5)  # warm (a cold first search may take seconds on a busy node)
+        index.timeout_s = 2.0
+        os.kill(pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        with pytest.raises(ShardTimeoutError, match=rf"index shard 1 \(actor {NS}/stuck-shard-1\) "
+                                                    rf"did not answer the search within 2 s .*ALIVE \(pid {pid}\)"):
+            index.search(q[:4], 5)
+        assert time.monotonic() - t0 < 10
+        os.kill(pid, signal.SIGCONT)
+        index.timeout_s = 60.0
+        assert np.array_equal(index.search(q[:4], 5).ids, want.ids)  # a new channel, same answer
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        index.shutdown()
+
+
+def test_launch_and_connect_name_the_shard_that_cannot_be_placed_and_the_resource(ray_session,
+                                                                                   two_shards):
+    ray = ray_session
+    svc = ServiceConfig(name="noplace", namespace=NS, resources={"no_such_node": 1}, timeout_s=2)
+    try:
+        with pytest.raises(ShardTimeoutError, match=rf"index shard 0 \(actor {NS}/noplace-shard-0\) "
+                                                    r"did not start within 2 s .*no_such_node"):
+            ShardedIndex.launch(two_shards, svc)
+        with pytest.raises(ShardTimeoutError, match=r"shard 0 .* did not answer within 1 s.*no_such_node"):
+            ShardedIndex.connect("noplace", namespace=NS, timeout=1)
+    finally:
+        for i in range(2):
+            ray.kill(ray.get_actor(actor_name("noplace", i), namespace=NS), no_restart=True)

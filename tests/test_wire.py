@@ -87,3 +87,30 @@ def test_threads_share_one_connection(server):
         t.join()
     for j, q in enumerate(qs):
         assert np.array_equal(out[j], _brute_force(q, 2, None)[1])
+
+
+def test_a_reply_that_does_not_come_times_out_and_breaks_the_channel():
+    """A shard that stops answering: the wait ends at its timeout (the caller names the shard),
+    and the channel is not reused (a late reply would be taken for the next request's)."""
+    import time
+
+    release = threading.Event()
+
+    def stuck(q, k, version):
+        release.wait(10)
+        return _brute_force(q, k, version)
+
+    server = ShardServer("127.0.0.1", stuck)
+    conn = Connection(server.address)
+    try:
+        seq = conn.send(np.zeros((2, 16), np.float32), 3)
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError, match="no reply within 0.5 s"):
+            conn.reply(seq, timeout=0.5)
+        assert 0.4 < time.monotonic() - t0 < 3 and conn.broken is not None
+        with pytest.raises(ConnectionError, match="broken"):
+            conn.send(np.zeros((2, 16), np.float32), 3)
+    finally:
+        release.set()
+        conn.close()
+        server.close()

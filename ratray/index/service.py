@@ -15,6 +15,9 @@
 - With `service.num_gpus` > 0 each actor requests that share of a GPU and serves its shard from a
   faiss-gpu copy behind one lock (FAISS GPU indexes take one call at a time; `gpu.py`);
   without a GPU (or an index type FAISS cannot move) it serves from the CPU and `info()` says why.
+- Every wait for a shard is bounded by `service.timeout_s` (fanout.py): a shard that cannot be
+  placed or is stuck fails the search (or the launch) with an error naming it and what Ray says
+  it waits for, e.g. a resource no node has.
 - Actors reserve `num_cpus` < 1 (0 by default): Ray Train workers must never be starved by index
   actors. FAISS releases the GIL, so concurrent searches run in parallel; admin calls (`info`,
   `ping`) have their own concurrency group and never queue behind searches.
@@ -36,7 +39,6 @@ aborts on every shard and changes nothing.
 """
 from __future__ import annotations
 
-import asyncio
 import functools
 import os
 import threading
@@ -49,16 +51,11 @@ import ray
 
 from ratray.config import ServiceConfig
 from ratray.index.factory import configure_faiss
-from ratray.index.search import SearchResult, enable_reconstruct, merge_topk, search_topk
+from ratray.index.fanout import (ShardTimeoutError, ShardVersionError, SearchFuture,  # noqa: F401
+                                 actor_name, wait_infos)
+from ratray.index.search import SearchResult, enable_reconstruct, search_topk
 from ratray.index.store import load_manifest, load_shard, serving_dir, write_current
 from ratray.index.wire import Channels, ShardServer
-
-
-class ShardVersionError(RuntimeError):
-    """Shards answered from different index versions (a swap is half-way; retry or relaunch)."""
-
-
-INLINE_QUERY_BYTES = 100_000  # Ray passes arguments below its 100 KiB inline limit by value
 
 
 def _check_queries(queries: np.ndarray, dim: int) -> np.ndarray:
@@ -241,82 +238,6 @@ def shard_actor_class(max_concurrency: int = 8):
     return ray.remote(concurrency_groups={"search": max_concurrency, "admin": 1, "swap": 1})(IndexShard)
 
 
-def actor_name(name: str, i: int) -> str:
-    return f"{name}-shard-{i}"
-
-
-class SearchFuture:
-    """An in-flight fan-out (`.result(timeout)`, `.done()`, `await fut`): a training loop asks for
-    the next batch's neighbours while the current batch computes. Each shard is asked over its
-    socket channel (wire.py), else — or when the channel breaks — by a Ray call Ray retries."""
-
-    def __init__(self, index: "ShardedIndex", queries: np.ndarray, k: int):
-        self._index, self._q, self._k = index, queries, k
-        self._qref = None  # the queries in the object store, once a Ray call needs them
-        self._asked: list = [self._ask(i, None) for i in range(index.num_shards)]
-        self._result: SearchResult | None = None
-        self.reasked = 0  # shards re-asked because the fan-out straddled a swap
-
-    def _ray_queries(self):
-        if self._qref is None:  # a big batch goes into the object store once, for every shard
-            self._qref = ray.put(self._q) if self._q.nbytes >= INLINE_QUERY_BYTES else self._q
-        return self._qref
-
-    def _ask(self, i: int, version: int | None):
-        """("wire", connection, seq, version) or ("ray", [D, I, version refs], version)."""
-        conn = self._index._channels.get(i)
-        if conn is not None:
-            try:
-                return ("wire", conn, conn.send(self._q, self._k, version), version)
-            except ConnectionError:
-                self._index._channels.drop(i, conn)
-        return self._ask_ray(i, version)
-
-    def _ask_ray(self, i: int, version: int | None):
-        refs = self._index.actors[i].search.remote(self._ray_queries(), self._k, version)
-        return "ray", refs, version
-
-    def _answer(self, i: int, asked, timeout: float | None) -> tuple:
-        if asked[0] == "wire":
-            try:
-                return asked[1].reply(asked[2])
-            except ConnectionError:  # the actor died or restarted: ask it through Ray
-                self._index._channels.drop(i, asked[1])
-                asked = self._ask_ray(i, asked[3])
-        return tuple(ray.get(asked[1], timeout=timeout))
-
-    def done(self) -> bool:
-        return self._result is not None or all(
-            a[1].ready() if a[0] == "wire"
-            else len(ray.wait(a[1], num_returns=3, timeout=0, fetch_local=False)[0]) == 3
-            for a in self._asked)
-
-    def result(self, timeout: float | None = None) -> SearchResult:
-        if self._result is None:
-            parts = [self._answer(i, a, timeout) for i, a in enumerate(self._asked)]
-            newest = max(int(p[2]) for p in parts)
-            lag = [i for i, p in enumerate(parts) if int(p[2]) != newest]
-            if lag:  # the fan-out straddled a commit: the lagging shards hold `newest` prepared
-                self.reasked += len(lag)
-                redo = [self._ask(i, newest) for i in lag]
-                for i, a in zip(lag, redo):
-                    parts[i] = self._answer(i, a, timeout)
-            versions = sorted({int(p[2]) for p in parts})
-            if len(versions) != 1:
-                raise ShardVersionError(f"shards answered from different index versions {versions}")
-            D, I = merge_topk([p[0] for p in parts], [p[1] for p in parts], self._k,
-                              self._index.metric)
-            self._result, self._asked = SearchResult(D, I, versions[0]), []
-        return self._result
-
-    def __await__(self):
-        async def wait() -> SearchResult:
-            if self._result is None:
-                await asyncio.get_running_loop().run_in_executor(None, self.result)
-            return self._result
-        return wait().__await__()
-
-
 # ---------------------------------------------------------------------------------------------
 # the client
 
@@ -324,16 +245,19 @@ class SearchFuture:
 class ShardedIndex:
     """Client of the shard actors: fan-out search and exact merge, sync or async."""
 
-    def __init__(self, actors: list, name: str, namespace: str, infos: list[dict]):
+    def __init__(self, actors: list, name: str, namespace: str, infos: list[dict],
+                 timeout_s: float = ServiceConfig.timeout_s):
         self.actors, self.name, self.namespace = actors, name, namespace
+        self.timeout_s = timeout_s  # the longest wait for any shard (fanout.py)
         info = infos[0]
         self.index_dir, self.metric, self.dim = info["index_dir"], info["metric"], info["dim"]
         self.ntotal = int(info["ntotal"])
-        self._channels = Channels([inf.get("address") for inf in infos], self._address)  # wire.py
+        self._channels = Channels([inf.get("address") for inf in infos], self._address,
+                                  timeout_s)  # wire.py
 
     def _address(self, i: int):
         """Shard i's channel address as its (possibly restarted) actor advertises it now."""
-        return ray.get(self.actors[i].info.remote(), timeout=60).get("address")
+        return ray.get(self.actors[i].info.remote(), timeout=min(60, self.timeout_s)).get("address")
 
     @property
     def num_shards(self) -> int:
@@ -344,9 +268,9 @@ class ShardedIndex:
                 f"ntotal={self.ntotal}, dim={self.dim}, metric={self.metric})")
 
     @classmethod
-    def launch(cls, index_dir: str, service: ServiceConfig | None = None,
-               timeout: float = 300) -> "ShardedIndex":
-        """Create (or reuse, if already running) one named actor per shard; wait for all.
+    def launch(cls, index_dir: str, service: ServiceConfig | None = None) -> "ShardedIndex":
+        """Create (or reuse, if already running) one named actor per shard; wait for all (up to
+        `service.timeout_s`: then ShardTimeoutError names a shard that is not up, and why).
 
         Call from the driver: the actors are not detached and die with the job that made them.
         """
@@ -366,23 +290,20 @@ class ShardedIndex:
                                     max_restarts=-1, max_task_retries=-1)
                   .remote(index_dir, i, svc.omp_threads, svc.num_gpus > 0, svc.nice, svc.transport)
                   for i in range(manifest.num_shards)]
-        try:
-            infos = ray.get([a.info.remote() for a in actors], timeout=timeout)
-        except ray.exceptions.GetTimeoutError:
-            raise TimeoutError(f"index shard actors {svc.name!r} did not come up within "
-                               f"{timeout} s") from None
+        infos = wait_infos(actors, svc.name, svc.namespace, svc.timeout_s, "start")
         stale = [inf["shard"] for inf in infos if inf["index_dir"] != index_dir]
         if stale:
             raise RuntimeError(f"actors {svc.namespace}/{svc.name}-shard-{stale} already serve "
                                f"another index ({infos[stale[0]]['index_dir']}): shut them down "
                                "or pick another service.name")
-        return cls(actors, svc.name, svc.namespace, infos)
+        return cls(actors, svc.name, svc.namespace, infos, svc.timeout_s)
 
     @classmethod
-    def connect(cls, name: str = "index", namespace: str = "ratray",
-                timeout: float = 60) -> "ShardedIndex":
+    def connect(cls, name: str = "index", namespace: str = "ratray", timeout: float = 60,
+                search_timeout: float = ServiceConfig.timeout_s) -> "ShardedIndex":
         """Find running shard actors by name, e.g. from a Ray Train worker; waits up to
-        `timeout` seconds for shard 0 to appear, learns the shard count from its `info()`."""
+        `timeout` seconds for shard 0 to appear, learns the shard count from its `info()`.
+        `search_timeout`: the client's `timeout_s` (the job's `service.timeout_s`)."""
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -394,7 +315,7 @@ class ShardedIndex:
                                        f"{namespace!r}: launch it first (ShardedIndex.launch)"
                                        ) from None
                 time.sleep(0.5)
-        info = ray.get(first.info.remote(), timeout=timeout)
+        info = wait_infos([first], name, namespace, timeout, "answer")[0]
         actors = [first]
         for i in range(1, info["n_shards"]):
             try:
@@ -403,8 +324,8 @@ class ShardedIndex:
                 raise RuntimeError(f"index actor {actor_name(name, i)!r} missing in namespace "
                                    f"{namespace!r} (shard 0 says there are {info['n_shards']})"
                                    ) from None
-        infos = [info] + ray.get([a.info.remote() for a in actors[1:]], timeout=timeout)
-        return cls(actors, name, namespace, infos)
+        return cls(actors, name, namespace, wait_infos(actors, name, namespace, timeout, "answer"),
+                   search_timeout)
 
     def search_async(self, queries: np.ndarray, k: int) -> SearchFuture:
         """Start a search on every shard at once; returns immediately."""

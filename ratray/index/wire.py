@@ -17,6 +17,7 @@ import select
 import socket
 import struct
 import threading
+import time
 from typing import Callable
 
 import numpy as np
@@ -146,13 +147,21 @@ class Connection:
             seq, self._sent = self._sent, self._sent + 1
             return seq
 
-    def reply(self, seq: int) -> tuple[np.ndarray, np.ndarray, int]:
-        """Wait for request `seq`'s reply: distances (b, k'), chunk ids (b, k'), version."""
-        with self._read_lock:
+    def reply(self, seq: int, timeout: float | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+        """Wait for request `seq`'s reply: distances (b, k'), chunk ids (b, k'), version.
+        TimeoutError after `timeout` seconds without it; the channel is then broken for good (a
+        late reply would be read as the next request's)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not self._read_lock.acquire(timeout=-1 if timeout is None else timeout):
+            self._expire(timeout)
+        try:
             while seq not in self._kept:
                 self._check()
                 if seq < self._read:
                     raise RuntimeError(f"reply {seq} was already taken")
+                if deadline is not None and not select.select(
+                        [self._sock], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                    self._expire(timeout)
                 try:
                     got: object = self._read_one()
                 except ShardError as e:
@@ -162,6 +171,8 @@ class Connection:
                 self._kept[self._read] = got
                 self._read += 1
             got = self._kept.pop(seq)
+        finally:
+            self._read_lock.release()
         if isinstance(got, ShardError):
             raise got
         return got  # type: ignore[return-value]
@@ -186,6 +197,11 @@ class Connection:
         if self.broken is not None:
             raise ConnectionError(f"index channel {self.address} is broken: {self.broken}")
 
+    def _expire(self, timeout: float) -> None:
+        self.broken = TimeoutError(f"no reply within {timeout:g} s")
+        self.close()
+        raise TimeoutError(f"index channel {self.address}: no reply within {timeout:g} s")
+
     def _fail(self, e: Exception) -> None:
         self.broken = e
         self.close()
@@ -204,16 +220,17 @@ class Channels:
     port). `get(i)` is None where a shard has no channel or cannot be reached: the caller then
     uses another path. Pickles without its connections (they belong to one process)."""
 
-    def __init__(self, addresses: list, resolve: Callable[[int], "tuple | None"]):
-        self.addresses, self.resolve = list(addresses), resolve
+    def __init__(self, addresses: list, resolve: Callable[[int], "tuple | None"],
+                 timeout: float = 300.0):
+        self.addresses, self.resolve, self.timeout = list(addresses), resolve, timeout
         self.conns: list[Connection | None] = [None] * len(self.addresses)
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict:
-        return {"addresses": self.addresses, "resolve": self.resolve}
+        return {"addresses": self.addresses, "resolve": self.resolve, "timeout": self.timeout}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["addresses"], state["resolve"])
+        self.__init__(state["addresses"], state["resolve"], state["timeout"])
 
     def get(self, i: int) -> Connection | None:
         with self._lock:
@@ -225,7 +242,7 @@ class Channels:
                 if self.addresses[i] is None:
                     return None
                 try:
-                    self.conns[i] = Connection(tuple(self.addresses[i]))
+                    self.conns[i] = Connection(tuple(self.addresses[i]), self.timeout)
                     return self.conns[i]
                 except OSError:
                     if attempt == 0:

@@ -90,7 +90,8 @@ class RealmWorker(TrainWorker):
         val_ids = store.split_ids("val")
         val_ids = val_ids if job.eval_queries == 0 else val_ids[:job.eval_queries]
         val_q = make_queries(store, val_ids, self.mcfg.query_tokens, t.seed + 1, mask.mode, mask.rate)
-        index = ShardedIndex.connect(c["service_name"], namespace=c["namespace"])
+        index = ShardedIndex.connect(c["service_name"], namespace=c["namespace"],
+                                     search_timeout=self.job.service.timeout_s)
         self.refresh = ray.get_actor(f"{c['service_name']}-refresh", namespace=c["namespace"]) \
             if self.rank == 0 else None
         self.train_c = Candidates(store, index, train_q, self.mcfg.k, self.mcfg.chunk_tokens)

@@ -74,7 +74,8 @@ class RetroWorker(TrainWorker):
         self.retro = self.mcfg.model == "retro"
         fetcher = None
         if self.retro and t.retrieval == "online":
-            index = ShardedIndex.connect(c["service_name"], namespace=c["namespace"])
+            index = ShardedIndex.connect(c["service_name"], namespace=c["namespace"],
+                                         search_timeout=self.job.service.timeout_s)
             fetcher = NeighbourFetcher(store, index, self.train.layout, self.mcfg.k,
                                        ChunkVectors(c["vectors_path"]))
         table = np.load(c["train_neighbours"]) if self.retro and t.retrieval == "precomputed" else None
