@@ -153,3 +153,19 @@ def test_manifests_of_every_rank_are_required(ckpt):
     (ckpt / "ratray-manifest.rank0.json").write_text(json.dumps(m))
     with pytest.raises(CheckpointError, match="1 rank manifests for a run of 2 workers"):
         verify(ckpt, META)
+
+
+def test_a_mismatching_resume_fails_at_the_driver_before_any_worker_starts(saved, tmp_path):
+    """A worker's refusal would be retried train.max_failures times: the driver refuses first."""
+    from ratray.config import TrainConfig
+    from ratray.train.trainer import make_trainer
+
+    run_root = tmp_path / "ray_results" / "r"
+    shutil.copytree(saved, run_root / "checkpoint_2026-12-02_01-00-00.000000")
+    fn = lambda config: None  # noqa: E731
+    same = TrainConfig(run_name="r", num_workers=1, micro_batch=2, grad_accum=1)
+    make_trainer(fn, {"model": MODEL}, same, str(tmp_path))  # matches: a trainer
+    with pytest.raises(CheckpointError, match="train.num_workers=1, this run has train.num_workers=2"):
+        make_trainer(fn, {"model": MODEL}, TrainConfig(run_name="r", micro_batch=2), str(tmp_path))
+    with pytest.raises(CheckpointError, match="model.n_layer 2 -> 3"):
+        make_trainer(fn, {"model": {**MODEL, "n_layer": 3}}, same, str(tmp_path))

@@ -53,7 +53,7 @@ def test_a_worker_death_is_retried_from_the_checkpoint_by_default(tmp_path):
     retry calls the train loop again, which resumes from `ray.train.get_checkpoint()`)."""
     from ratray.train.trainer import make_trainer
 
-    trainer = make_trainer(lambda config: None, {}, TrainConfig(), str(tmp_path))
+    trainer = make_trainer(lambda config: None, {"model": {}}, TrainConfig(), str(tmp_path))
     assert trainer.run_config.failure_config.max_failures >= 1
-    assert make_trainer(lambda config: None, {}, TrainConfig(max_failures=0),
+    assert make_trainer(lambda config: None, {"model": {}}, TrainConfig(max_failures=0),
                         str(tmp_path)).run_config.failure_config.max_failures == 0

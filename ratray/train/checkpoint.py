@@ -151,3 +151,19 @@ def verify(folder: str | Path, now: dict | None = None) -> dict:
         _check_run(folder, saved, now)
     check_pickles(folder, files)
     return saved
+
+
+def latest_checkpoint(run_root: str | Path) -> Path | None:
+    """The newest checkpoint folder of a Ray Train run (`checkpoint_<timestamp>`: by name = by
+    time), or None."""
+    found = sorted(p for p in Path(run_root).glob("checkpoint_*") if p.is_dir())
+    return found[-1] if found else None
+
+
+def check_resume(run_root: str | Path, now: dict) -> None:
+    """Driver side, before any worker starts: a run that would resume from its newest checkpoint
+    must match it (manifests only: the workers `verify` the files themselves). Refusing here
+    fails once, clearly, where a worker's refusal would be retried `train.max_failures` times."""
+    ckpt = latest_checkpoint(run_root)
+    if ckpt is not None:
+        _check_run(ckpt, _manifests(ckpt)[0], now)

@@ -12,16 +12,24 @@ from ratray.workdir import SUMMARY, Workdir
 
 def make_trainer(train_fn, loop_config: dict, t, workdir: str):
     """The Ray Train `TorchTrainer` of a run: `t.num_workers` workers, resumable by `t.run_name`
-    (same storage path + name = resume), `t.max_failures` retries, `t.keep_checkpoints` kept."""
+    (same storage path + name = resume), `t.max_failures` retries, `t.keep_checkpoints` kept;
+    CheckpointError if the run would resume from a checkpoint of another setup
+    (`checkpoint.check_resume`)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from ratray.train.checkpoint import check_resume, run_meta
+
+    storage = Workdir(workdir).ray_results(t.storage_path)
+    if "://" not in storage:  # a local run folder: refuse a mismatching resume before any work
+        check_resume(Path(storage) / t.run_name, run_meta(t.num_workers, t.micro_batch,
+                                                          t.grad_accum, loop_config["model"]))
     return TorchTrainer(
         train_fn,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                      resources_per_worker={"CPU": t.cpus_per_worker}),
-        run_config=RunConfig(name=t.run_name, storage_path=Workdir(workdir).ray_results(t.storage_path),
+        run_config=RunConfig(name=t.run_name, storage_path=storage,
                              failure_config=FailureConfig(max_failures=t.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
                              # Ray Train's INFO lines off the console (its per-report line is
