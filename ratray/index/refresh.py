@@ -16,7 +16,11 @@ shards, hot-swap them under a new version — while training goes on (REALM's as
   dropped, so the index never goes back to older weights.
 - A refresh that fails (an embedding task dies, memory runs out, the build or a shard's prepare
   raises) leaves the previous version serving; the failure is counted and reported in `status()`,
-  and the next request (the trainer's next interval) tries again.
+  and the next request (the trainer's next interval) tries again. Once CURRENT names the new
+  version (the swap's commit point) there is no way back: a failure after it keeps that version
+  (a restarted shard loads it) and asks the shards to commit again.
+- The actor is restarted when it dies; the new one removes the half-built folders of the dead one
+  and reads the serving version and every version's weights step back from disk.
 - What embeds a block is not this module's business (retrieval never imports a model): the caller
   passes an `embedder`, a picklable callable `embedder(weights, tokens (n t)) -> vectors (n p)`.
 - Staleness bookkeeping: every version remembers the training step of the weights it was built

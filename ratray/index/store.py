@@ -4,7 +4,8 @@ A plain index folder holds `shard_{i}.faiss` (plain `faiss.write_index`), `shard
 (int64 chunk id of every row of that shard) and `manifest.json` (written last). A versioned root
 (REALM's refreshed index, a live database) holds `versions/v000001/`, `versions/v000002/`, ...
 (each a plain index folder) and `CURRENT`, the relative path of the serving one, rewritten
-atomically. Folders are written under a temporary name and renamed into place, never half-written.
+atomically. Folders are written under a temporary name and renamed into place, never half-written;
+a plain folder rebuilt in place gets the next version number (shards can tell old from new).
 """
 from __future__ import annotations
 
