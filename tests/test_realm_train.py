@@ -79,11 +79,14 @@ def test_realm_trains_refreshes_and_resumes_with_its_index_version(ray_session, 
     m.version = newest + 1
     (version_dir(root, newest + 1) / "manifest.json").write_text(m.to_json())
     write_current(root, version_dir(root, newest + 1))
-    # ... but the resumed run serves the version its checkpoint was trained against
+    # ... but the resumed run serves the index its checkpoint was trained against, republished
+    # under a higher number (the serving version never goes backwards)
     job2 = load_config(RealmJobConfig, None, SMALL_REALM + [f"workdir={tmp_path}", "train.steps=6",
                                                             "train.warmup_steps=1"])
     s2 = run(job2, progress=False)
     assert s2["steps"] == 6 and s2["mlflow"]["run_id"] == s["mlflow"]["run_id"]
-    assert s2["final"]["index_version_restored"] == ckpt_version
-    assert s2["refresh"]["serving_version"] == ckpt_version
+    restored = int(s2["final"]["index_version_restored"])
+    assert restored > newest + 1
+    assert load_manifest(version_dir(root, restored)).extra["republished_from"] == ckpt_version
+    assert s2["refresh"]["serving_version"] >= restored
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 6

@@ -19,7 +19,7 @@ from ratray.data.chunks import ChunkStore
 from ratray.index.build import build_index
 from ratray.index.refresh import embed_corpus, launch_refresh_service, put_weights
 from ratray.index.service import ShardedIndex
-from ratray.index.store import serving_dir, version_dir, write_current
+from ratray.index.store import load_manifest, serving_dir, version_dir, write_current
 from tests.test_index import brute_force, chunk_ids, mixture
 
 NS = "ratray-refresh-tests"
@@ -200,7 +200,7 @@ def test_failed_refresh_leaves_the_old_version_serving_and_the_next_one_retries(
     assert index.search(q, 5).version == 2
 
 
-def test_restore_serves_the_checkpointed_version_again(refresh):
+def test_restore_serves_the_checkpointed_index_again_under_a_higher_version(refresh):
     import ray
 
     service, index, store, emb, root, _ = refresh
@@ -211,14 +211,17 @@ def test_restore_serves_the_checkpointed_version_again(refresh):
     assert index.version() == 3
     out = ray.get(service.restore.remote({"serving_version": 2, "version_steps": {"2": 10},
                                           "completed": 2}))
-    assert out["swapped"] and out["serving_version"] == 2
+    # v2's index (the checkpoint's weights), republished as v4: the version never goes back
+    assert out["swapped"] and out["serving_version"] == 4 and out["available"]
     q = mixture(8, seed=5)[:, :16].copy()
     r = index.search(q, 5)
-    assert r.version == 2 and np.array_equal(r.ids, _exact(store, emb, _weights(vocab, 10), q, 5))
-    assert serving_dir(root) == version_dir(root, 2)
+    assert r.version == 4 and np.array_equal(r.ids, _exact(store, emb, _weights(vocab, 10), q, 5))
+    assert serving_dir(root) == version_dir(root, 4)
+    assert load_manifest(version_dir(root, 4)).extra["republished_from"] == 2
+    assert load_manifest(version_dir(root, 2)).version == 2  # the source's manifest untouched
     # the next refresh gets a fresh number: versions on disk are never reused
     ray.get(service.request.remote(put_weights(_weights(vocab, 30)), 30))
-    assert ray.get(service.wait_idle.remote(120))["serving_version"] == 4
+    assert ray.get(service.wait_idle.remote(120))["serving_version"] == 5
 
 
 def test_embed_corpus_covers_every_block_once(small_workdir, ray_session):

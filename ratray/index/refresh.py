@@ -46,8 +46,8 @@ from ratray.index.build import build_index
 from ratray.index.factory import IndexBuildError
 from ratray.index.service import ShardedIndex
 from ratray.index.store import (current_version, is_versioned, load_manifest, remove_leftovers,
-                                remove_version, serving_dir, version_dir, versions_on_disk,
-                                write_current)
+                                remove_version, republish_version, serving_dir, version_dir,
+                                versions_on_disk, write_current)
 
 log = logging.getLogger(__name__)
 
@@ -324,9 +324,10 @@ class RefreshService:
         return self.status()
 
     def restore(self, saved: dict) -> dict:
-        """Take back the bookkeeping of a checkpoint and serve its index version again (a resumed
-        run must not see an index built from weights newer than its own). If that version's files
-        are gone, the serving version stays and the caller should request a refresh."""
+        """Take back the bookkeeping of a checkpoint and serve its index again (a resumed run must
+        not see an index built from weights newer than its own) — republished under a new, higher
+        version number, so the serving version never goes backwards. If that version's files are
+        gone, the serving version stays and the caller should request a refresh."""
         with self._lock:
             for k in ("requested", "completed", "failed", "coalesced"):
                 setattr(self.state, k, max(getattr(self.state, k), int(saved.get(k, 0))))
@@ -334,13 +335,19 @@ class RefreshService:
             self.state.history = list(saved.get("history", []))[-50:] or self.state.history
         want = int(saved.get("serving_version", 0))
         restored = False
-        if want and want != self.state.serving_version and want in versions_on_disk(self.root):
-            self._service().swap(version_dir(self.root, want), allow_older=True)
+        on_disk = versions_on_disk(self.root)
+        served_as = want
+        if want and want != self.state.serving_version and want in on_disk:
+            step = self.state.version_steps.get(str(want))
+            served_as = max([self.state.serving_version, *on_disk]) + 1
+            self._service().swap(republish_version(self.root, want, served_as))
             with self._lock:
-                self.state.serving_version = want
+                self.state.serving_version = served_as
+                if step is not None:
+                    self.state.version_steps[str(served_as)] = step
             restored = True
         return {"serving_version": self.state.serving_version, "swapped": restored,
-                "wanted": want, "available": want == self.state.serving_version}
+                "wanted": want, "available": served_as == self.state.serving_version}
 
 
 def launch_refresh_service(root: str | Path, store: ChunkStore, index_cfg: IndexConfig,

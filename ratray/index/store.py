@@ -15,7 +15,7 @@ import os
 import shutil
 import threading
 import uuid
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -306,3 +306,21 @@ def remove_version(root: str | Path, version: int) -> None:
     if current_version(root) == int(version):
         raise ValueError(f"{version_dir(root, version)} is named by {Path(root) / CURRENT}: not removed")
     shutil.rmtree(version_dir(root, version), ignore_errors=True)
+
+
+def republish_version(root: str | Path, version: int, new_version: int) -> Path:
+    """`version`'s index again, under the higher number `new_version` (its files hard-linked, its
+    manifest renumbered and marked `republished_from`): how a resumed run serves the index of
+    its checkpoint's weights while version numbers only ever grow."""
+    src, dst = version_dir(root, version), version_dir(root, new_version)
+    if new_version <= max(versions_on_disk(root), default=0):
+        raise ValueError(f"republish as v{new_version}: not above every version under {root}")
+    tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
+    shutil.copytree(src, tmp, copy_function=os.link)
+    m = load_manifest(tmp)
+    (tmp / MANIFEST).unlink()  # a hard link to the source's manifest: write a new file instead
+    write_manifest(tmp, replace(m, version=int(new_version),
+                                            extra={**m.extra, "republished_from": int(version)}))
+    os.rename(tmp, dst)
+    return dst
+
