@@ -108,6 +108,7 @@ def test_a_reply_that_does_not_come_times_out_and_breaks_the_channel():
         with pytest.raises(TimeoutError, match="no reply within 0.5 s"):
             conn.reply(seq, timeout=0.5)
         assert 0.4 < time.monotonic() - t0 < 3 and conn.broken is not None
+        assert conn.ready()  # a broken channel answers at once (SearchFuture.done polls it)
         with pytest.raises(ConnectionError, match="broken"):
             conn.send(np.zeros((2, 16), np.float32), 3)
     finally:

@@ -178,8 +178,9 @@ class Connection:
         return got  # type: ignore[return-value]
 
     def ready(self) -> bool:
-        """A reply is waiting to be read (non-blocking)."""
-        return bool(self._kept) or bool(select.select([self._sock], [], [], 0)[0])
+        """A reply is waiting to be read, or the channel broke (`reply` answers at once)."""
+        return self.broken is not None or bool(self._kept) or \
+            bool(select.select([self._sock], [], [], 0)[0])
 
     def _read_one(self) -> tuple[np.ndarray, np.ndarray, int]:
         head = bytearray(_REP.size)
