@@ -169,3 +169,11 @@ def test_a_mismatching_resume_fails_at_the_driver_before_any_worker_starts(saved
         make_trainer(fn, {"model": MODEL}, TrainConfig(run_name="r", micro_batch=2), str(tmp_path))
     with pytest.raises(CheckpointError, match="model.n_layer 2 -> 3"):
         make_trainer(fn, {"model": {**MODEL, "n_layer": 3}}, same, str(tmp_path))
+
+
+def test_a_manifest_that_points_outside_the_checkpoint_is_refused(ckpt, tmp_path):
+    m = json.loads((ckpt / "ratray-manifest.rank0.json").read_text())
+    m["files"]["../elsewhere.pt"] = "0" * 64
+    (ckpt / "ratray-manifest.rank0.json").write_text(json.dumps(m))
+    with pytest.raises(CheckpointError, match=r"lists \.\./elsewhere.pt, outside the checkpoint"):
+        verify(ckpt, META)

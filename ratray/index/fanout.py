@@ -50,7 +50,8 @@ def why_waiting(actor) -> str:
                  else "no node has them free now")
         return f"it is {st} (not placed): it needs {wants} and {where}"
     if st == "DEAD":
-        return f"it is DEAD: {str(data.death_cause).strip() or 'no cause recorded'}"
+        cause = " ".join(str(data.death_cause).split())[:200]  # a protobuf: one line
+        return f"it is DEAD: {cause or 'no cause recorded'}"
     return f"it is {st} (pid {data.pid}) but did not answer: busy or stuck"
 
 
@@ -59,20 +60,22 @@ def actor_name(name: str, i: int) -> str:
 
 
 def not_answering(actor, i: int, name: str, namespace: str, seconds: float,
-                  doing: str = "answer the search") -> ShardTimeoutError:
+                  doing: str = "answer the search", limit: str = "service.timeout_s"
+                  ) -> ShardTimeoutError:
     """The error for shard `i` (its `actor`, of the service `name`) after waiting `seconds`."""
     return ShardTimeoutError(
         f"index shard {i} (actor {namespace}/{actor_name(name, i)}) did not {doing} within "
-        f"{seconds:g} s (service.timeout_s): {why_waiting(actor)}")
+        f"{seconds:g} s ({limit}): {why_waiting(actor)}")
 
 
-def wait_infos(actors: list, name: str, namespace: str, timeout: float, doing: str) -> list[dict]:
+def wait_infos(actors: list, name: str, namespace: str, timeout: float, doing: str,
+               limit: str = "service.timeout_s") -> list[dict]:
     """Every shard actor's `info()`, or ShardTimeoutError for the first not up within `timeout`."""
     refs = [a.info.remote() for a in actors]
     up, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
     if len(up) < len(refs):
         late = next(i for i, r in enumerate(refs) if r not in up)
-        raise not_answering(actors[late], late, name, namespace, timeout, doing)
+        raise not_answering(actors[late], late, name, namespace, timeout, doing, limit)
     return ray.get(refs)
 
 

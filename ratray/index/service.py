@@ -315,7 +315,7 @@ class ShardedIndex:
                                        f"{namespace!r}: launch it first (ShardedIndex.launch)"
                                        ) from None
                 time.sleep(0.5)
-        info = wait_infos([first], name, namespace, timeout, "answer")[0]
+        info = wait_infos([first], name, namespace, timeout, "answer", "connect's timeout")[0]
         actors = [first]
         for i in range(1, info["n_shards"]):
             try:
@@ -324,8 +324,8 @@ class ShardedIndex:
                 raise RuntimeError(f"index actor {actor_name(name, i)!r} missing in namespace "
                                    f"{namespace!r} (shard 0 says there are {info['n_shards']})"
                                    ) from None
-        return cls(actors, name, namespace, wait_infos(actors, name, namespace, timeout, "answer"),
-                   search_timeout)
+        infos = wait_infos(actors, name, namespace, timeout, "answer", "connect's timeout")
+        return cls(actors, name, namespace, infos, search_timeout)
 
     def search_async(self, queries: np.ndarray, k: int) -> SearchFuture:
         """Start a search on every shard at once; returns immediately."""

@@ -74,6 +74,10 @@ def _manifests(folder: Path) -> tuple[dict, dict]:
             files.update(m["files"])
         except (ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"checkpoint manifest {p} is unreadable: {e}") from None
+    outside = [r for r in files if Path(r).is_absolute() or ".." in Path(r).parts]
+    if outside:
+        raise CheckpointError(f"checkpoint {folder}: its manifest lists {outside[0]}, outside "
+                              "the checkpoint folder: refusing it")
     meta = metas[0]
     if any(m != meta for m in metas):
         raise CheckpointError(f"checkpoint {folder}: the ranks' manifests disagree on the run")
