@@ -90,3 +90,16 @@ def test_realm_trains_refreshes_and_resumes_with_its_index_version(ray_session, 
     assert load_manifest(version_dir(root, restored)).extra["republished_from"] == ckpt_version
     assert s2["refresh"]["serving_version"] >= restored
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 6
+
+
+def test_realm_chunk_store_is_not_built_beside_a_build_holding_the_workdir(tmp_path):
+    """The REALM driver writes chunk stores under the workdir's build lock: beside a running
+    build it fails at once, naming the workdir, instead of racing it."""
+    from ratray.realm.driver import resolve
+    from ratray.workdir import Workdir, WorkdirBusyError
+
+    job = load_config(RealmJobConfig, None, SMALL_REALM + [f"workdir={tmp_path}"])
+    with Workdir(tmp_path).locked("build"):
+        with pytest.raises(WorkdirBusyError, match=str(tmp_path)):
+            resolve(job, progress=False)
+    assert not (tmp_path / "chunks").exists() or not any((tmp_path / "chunks").iterdir())

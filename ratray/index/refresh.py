@@ -262,7 +262,8 @@ class RefreshService:
 
     def _service(self) -> ShardedIndex:
         if self._index is None:
-            self._index = ShardedIndex.connect(self.service_cfg.name, self.service_cfg.namespace)
+            self._index = ShardedIndex.connect(self.service_cfg.name, self.service_cfg.namespace,
+                                               search_timeout=self.service_cfg.timeout_s)
         return self._index
 
     # -- asynchronous requests -----------------------------------------------------------------

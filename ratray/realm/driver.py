@@ -85,7 +85,8 @@ def resolve(job: RealmJobConfig, progress: bool = True) -> Prepared:
     if not weights.is_file():
         raise ConfigError(f"config 'chunks.wordpiece_model': no model.safetensors at {weights}")
     wd = Workdir(job.workdir)
-    store = build_chunk_store(job.corpus, job.chunks, wd.chunks, progress)
+    with wd.locked("REALM chunk store build"):  # never beside a build writing the same store
+        store = build_chunk_store(job.corpus, job.chunks, wd.chunks, progress)
     tok = store.tokenizer
     if getattr(tok, "kind", "bpe") != "wordpiece":
         raise ConfigError(f"chunk store {store.path} is not a wordpiece store")
