@@ -217,7 +217,10 @@ def build_kills(tmp: Path, clean: Path, a) -> dict:
     t = time.perf_counter()
     final = run_build(wd, env)
     rep = {"killed": "the build's driver process (SIGKILL)", "kills": killed_at,
-           "final_rc": final.returncode, "final_s": round(time.perf_counter() - t, 1)}
+           "final_rc": final.returncode, "final_s": round(time.perf_counter() - t, 1),
+           # what the re-run reused: its summary lines (chunk store, embeddings from the cache)
+           "final_run_said": [ln for ln in final.stdout.splitlines()
+                              if ln.startswith(("chunk store:", "embeddings:"))]}
     if final.returncode:
         return {**rep, "passed": False, "error": final.stderr[-2000:]}
     cmp = same_build(fingerprint(wd), fingerprint(clean))

@@ -6,8 +6,12 @@ row numbers (`arange(n) * 3 + 7`) so that every test also checks the row -> id m
 """
 from __future__ import annotations
 
+import ast
 import json
 import logging
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -359,9 +363,8 @@ def test_pq_lookup_tables_are_timed_at_build_and_applied_at_load(tmp_path, pq_da
 
 def test_faiss_blas_runs_this_cpus_kernels():
     """faiss-cpu's bundled OpenBLAS predates this CPU and would fall back to SSE3 kernels;
-    ratray.index sets OPENBLAS_CORETYPE from /proc/cpuinfo before faiss loads."""
-    from threadpoolctl import threadpool_info
-
+    ratray.index sets OPENBLAS_CORETYPE from /proc/cpuinfo before faiss loads, unless the user
+    (or the machine: this one presets Haswell) set it."""
     from ratray.index import openblas_coretype
 
     assert openblas_coretype("flags\t: fpu sse2 avx avx2 fma avx512f avx512bw avx512vl avx512dq avx512cd\n") == "SkylakeX"
@@ -370,9 +373,18 @@ def test_faiss_blas_runs_this_cpus_kernels():
     want = openblas_coretype()
     if want is None:
         pytest.skip("CPU without AVX2: OpenBLAS's own detection stands")
-    archs = {i["architecture"] for i in threadpool_info()
-             if i.get("internal_api") == "openblas" and "faiss" in i["filepath"]}
-    assert archs == {want}
+
+    def faiss_blas(env: dict) -> set[str]:  # a fresh process: OpenBLAS reads it when it loads
+        code = ("import ratray.index, faiss; from threadpoolctl import threadpool_info; "
+                "print(sorted({i['architecture'] for i in threadpool_info() "
+                "if i.get('internal_api') == 'openblas' and 'faiss' in i['filepath']}))")
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                             text=True, check=True, timeout=120).stdout
+        return set(ast.literal_eval(out.strip().splitlines()[-1]))
+
+    base = {k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"}
+    assert faiss_blas(base) == {want}  # chosen from /proc/cpuinfo when the user set nothing
+    assert faiss_blas({**base, "OPENBLAS_CORETYPE": "Haswell"}) == {"Haswell"}  # a user's stands
 
 
 @pytest.mark.parametrize("metric", ["l2", "ip"])
