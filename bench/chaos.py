@@ -14,8 +14,10 @@ Scenarios (one local Ray for all, 2 CPUs; a small stdlib corpus, 32-token chunks
   weights, the serving version never decreasing (as logged per step), no orphaned version folders.
 - build_kills: the index build as a separate driver process, SIGKILLed at random moments within
   the clean build's duration (--build-kills times), then run to the end; compared with a clean
-  build in another workdir. Pass: at least 2 kills landed, it finishes, and the chunk table, the
-  embedding cache and every shard's ids and vectors equal the clean build's.
+  build in another workdir (embed.part_size=128: embeddings reach the cache in parts as they
+  finish). Pass: at least 2 kills landed, the re-run took every part the killed runs had cached
+  from the cache, and the chunk table, the embedding cache and every shard's ids and vectors equal
+  the clean build's.
 - concurrent_builds: two builds started at once on one workdir. Pass: at most one fails, and then
   with an error that says the workdir is in use; the result equals the clean build.
 - unschedulable_shard: an index whose shard actors need a resource no node has, service.timeout_s
@@ -28,6 +30,7 @@ import argparse
 import json
 import os
 import random
+import re
 import signal
 import statistics
 import subprocess
@@ -49,7 +52,7 @@ import pyarrow.parquet as pq  # noqa: E402
 
 BUILD = ["corpus.max_docs=40", "corpus.max_bytes=90000", "corpus.val_fraction=0.2",
          "chunks.chunk_tokens=32", "chunks.vocab_size=2048", "index.factory=Flat", "index.shards=2",
-         "index.recall_queries=50"]
+         "index.recall_queries=50", "embed.part_size=128"]
 MODEL = ["model.n_layer=2", "model.d_model=64", "model.n_head=2", "model.seq_len=128",
          "model.enc_layers=1", "model.enc_d_model=32", "model.enc_n_head=2", "model.cca_layers=[1,2]",
          "train.micro_batch=2", "train.lr=3e-3", "train.warmup_steps=2", "train.log_every=2",
@@ -205,7 +208,7 @@ def build_kills(tmp: Path, clean: Path, a) -> dict:
         p = subprocess.Popen(build_cmd(wd), env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
         # within the work left: a re-run reuses what the killed one completed, so it is shorter
-        lo, hi = [(0.15, 0.5), (0.08, 0.35), (0.04, 0.2)][min(i, 2)]
+        lo, hi = [(0.5, 0.85), (0.3, 0.6), (0.1, 0.3)][min(i, 2)]
         delay = rng.uniform(lo, hi) * a.clean_build_s
         try:
             p.wait(delay)
@@ -214,18 +217,28 @@ def build_kills(tmp: Path, clean: Path, a) -> dict:
             p.send_signal(signal.SIGKILL)
             p.wait()
             killed_at.append({"after_s": round(delay, 1), "killed": True})
+    from ratray.config import EmbedConfig
+    from ratray.index.embed import EmbeddingCache
+    from ratray.workdir import Workdir
+
+    cached_before = len(EmbeddingCache(Workdir(wd).embeddings, EmbedConfig().model))
     t = time.perf_counter()
     final = run_build(wd, env)
     rep = {"killed": "the build's driver process (SIGKILL)", "kills": killed_at,
            "final_rc": final.returncode, "final_s": round(time.perf_counter() - t, 1),
            # what the re-run reused: its summary lines (chunk store, embeddings from the cache)
            "final_run_said": [ln for ln in final.stdout.splitlines()
-                              if ln.startswith(("chunk store:", "embeddings:"))]}
+                              if ln.startswith(("chunk store:", "embeddings:"))],
+           "chunks_cached_by_killed_runs": cached_before}
+    said = " ".join(rep["final_run_said"])
+    m = re.search(r"(\d+) from the cache", said)
+    rep["final_run_from_cache"] = int(m.group(1)) if m else None
     if final.returncode:
         return {**rep, "passed": False, "error": final.stderr[-2000:]}
     cmp = same_build(fingerprint(wd), fingerprint(clean))
     kills = sum(k["killed"] for k in killed_at)
-    return {**rep, "compared_with_clean_build": cmp, "passed": cmp["equal"] and kills >= 2}
+    reused = cached_before > 0 and (rep["final_run_from_cache"] or 0) >= cached_before
+    return {**rep, "compared_with_clean_build": cmp, "passed": cmp["equal"] and kills >= 2 and reused}
 
 
 def concurrent_builds(tmp: Path, clean: Path, a) -> dict:

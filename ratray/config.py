@@ -88,9 +88,13 @@ class EmbedConfig:
     num_actors: int = 1  # Ray Data actor pool size (model loaded once per actor)
     threads_per_actor: int = 0  # torch threads per actor; 0 = CPUs of this node / num_actors
     device: str = "auto"  # auto | cpu | cuda
+    # chunks per embedding-cache part, written as they complete: a killed build loses at most
+    # this many embedded chunks (a re-run embeds only the rest)
+    part_size: int = 4096
 
     def __post_init__(self) -> None:
         check(self.batch_size > 0, "embed.batch_size", "must be > 0")
+        check(self.part_size > 0, "embed.part_size", "must be > 0")
         check(self.num_actors > 0, "embed.num_actors", "must be > 0")
         check(self.threads_per_actor >= 0, "embed.threads_per_actor", "must be >= 0")
         check(self.device in ("auto", "cpu", "cuda"), "embed.device", "must be auto|cpu|cuda")

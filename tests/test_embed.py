@@ -36,6 +36,33 @@ def test_ray_data_embeddings_match_in_process_and_are_cached(ray_session, texts,
     assert np.array_equal(v, v2)
 
 
+def test_embedding_parts_are_cached_as_they_finish_so_a_killed_build_keeps_them(
+        ray_session, texts, tmp_path, monkeypatch):
+    """With embed.part_size below the texts' count, parts reach the cache while the actor pool
+    still runs: a build that dies after the first part (here: its second write fails) keeps it,
+    and the re-run embeds only the rest."""
+    cfg = EmbedConfig(batch_size=4, num_actors=1, part_size=8)
+    n = len(set(texts))
+    assert n > 2 * cfg.part_size
+    real_add, writes = EmbeddingCache.add, []
+
+    def add_then_die(self, keys, vectors):
+        if writes:
+            raise RuntimeError("killed")
+        writes.append(len(keys))
+        real_add(self, keys, vectors)
+
+    monkeypatch.setattr(EmbeddingCache, "add", add_then_die)
+    with pytest.raises(RuntimeError, match="killed"):
+        embed_with_cache(texts, cfg, tmp_path)
+    monkeypatch.setattr(EmbeddingCache, "add", real_add)
+    assert cfg.part_size <= writes[0] < n and len(EmbeddingCache(tmp_path, cfg.model)) == writes[0]
+    v, s = embed_with_cache(texts, cfg, tmp_path)
+    assert s.embedded == n - writes[0]  # only what the first run had not cached
+    ref, _ = embed_with_cache(texts, cfg, tmp_path / "clean", use_ray=False)
+    assert np.allclose(v, ref, atol=1e-4)
+
+
 def test_only_new_chunks_reach_the_encoder(texts, tmp_path):
     cfg = EmbedConfig(batch_size=8)
     embed_with_cache(texts[:10], cfg, tmp_path, use_ray=False)

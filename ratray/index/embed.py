@@ -17,6 +17,7 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -176,8 +177,11 @@ def _threads(cfg: EmbedConfig, cpus: float) -> int:
     return max(1, int(cpus) // cfg.num_actors)
 
 
-def embed_texts_ray(texts: list[str], cfg: EmbedConfig, progress: bool = True) -> np.ndarray:
-    """(n,) texts → (n, d) with a Ray Data actor pool of `cfg.num_actors` encoders."""
+def embed_texts_ray(texts: list[str], cfg: EmbedConfig, progress: bool = True,
+                    on_part: Callable[[np.ndarray, np.ndarray], None] | None = None) -> np.ndarray:
+    """(n,) texts → (n, d) with a Ray Data actor pool of `cfg.num_actors` encoders.
+    `on_part(rows, vectors)` gets every `cfg.part_size` finished rows as they come (and the rest
+    at the end): the caller's cache keeps them even if this process dies later."""
     import pyarrow as pa
     import ray
     from tqdm.auto import tqdm
@@ -196,7 +200,9 @@ def embed_texts_ray(texts: list[str], cfg: EmbedConfig, progress: bool = True) -
     order = np.argsort([len(t) for t in texts], kind="stable")
     table = pa.table({"row": order.astype(np.int64),
                       "text": pa.array([texts[i] for i in order], pa.string())})
-    ds = ray.data.from_arrow(table).map_batches(
+    # blocks of part_size: results stream back block by block (one block would come back whole)
+    blocks = [table.slice(i, cfg.part_size) for i in range(0, len(texts), cfg.part_size)] or [table]
+    ds = ray.data.from_arrow(blocks).map_batches(
         _EncoderActor,
         fn_constructor_kwargs=dict(model=cfg.model, device=device, threads=threads,
                                    batch_size=cfg.batch_size),
@@ -207,13 +213,22 @@ def embed_texts_ray(texts: list[str], cfg: EmbedConfig, progress: bool = True) -
         num_gpus=1 if device == "cuda" else 0,
     )
     out: np.ndarray | None = None
+    pending: list[np.ndarray] = []  # rows done but not yet handed to on_part
     with tqdm(total=len(texts), desc="embed", unit="chunk", disable=not progress) as bar:
         for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
             if out is None:
                 out = np.empty((len(texts), b["embedding"].shape[1]), np.float32)
             out[b["row"]] = b["embedding"]
+            pending.append(b["row"])
             bar.update(len(b["row"]))
+            if on_part is not None and sum(map(len, pending)) >= cfg.part_size:
+                rows = np.concatenate(pending)
+                on_part(rows, out[rows])
+                pending = []
     assert out is not None
+    if on_part is not None and pending:
+        rows = np.concatenate(pending)
+        on_part(rows, out[rows])
     return out
 
 
@@ -253,12 +268,13 @@ def embed_with_cache(texts: list[str], cfg: EmbedConfig, cache_root: str | Path,
     new_vecs = None
     if len(miss):
         miss_texts = [texts[i] for i in first_of[miss]]
-        if use_ray:
-            new_vecs = embed_texts_ray(miss_texts, cfg, progress)
+        if use_ray:  # parts cached as they finish (embed.part_size)
+            new_vecs = embed_texts_ray(miss_texts, cfg, progress,
+                                       on_part=lambda rows, v: cache.add(uniq[miss][rows], v))
         else:
             enc = load_encoder(cfg.model, cfg.device, cfg.threads_per_actor)
             new_vecs = encode(enc, miss_texts, cfg.batch_size)
-        cache.add(uniq[miss], new_vecs)
+            cache.add(uniq[miss], new_vecs)
     dim = (hit_vecs if hit_vecs is not None and len(hit_vecs) else new_vecs).shape[1]
     uvecs = np.empty((len(uniq), dim), np.float32)
     if hit.any():
