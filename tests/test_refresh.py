@@ -249,6 +249,13 @@ def test_swap_failing_after_current_names_the_new_version_keeps_it_and_a_restart
     def write_current_then_kill_a_shard(r, target):
         real_write_current(r, target)
         ray.kill(index.actors[1], no_restart=True)
+        deadline = time.monotonic() + 60  # ray.kill returns at once: wait until the shard is dead
+        while time.monotonic() < deadline:
+            try:
+                ray.get(index.actors[1].info.remote(), timeout=5)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                break
+            time.sleep(0.05)
 
     monkeypatch.setattr(service_mod, "write_current", write_current_then_kill_a_shard)
     svc = RefreshService(str(root), str(store.path), asdict(IndexConfig(factory="Flat", shards=2, metric="ip")),
