@@ -390,7 +390,8 @@ def realm_kills(tmp: Path, clean: Path, a) -> dict:
     monotone = all(x <= y for x, y in zip(steps_of, steps_of[1:]) if x is not None and y is not None)
     rep["serving_version_never_decreased"] = all(x <= y for x, y in zip(logged, logged[1:]))
     rep["passed"] = (s["steps"] == a.realm_steps and worker_killed and service_killed
-                     and rep["resumed_from_step"] > 0 and rep["resumed_from_step"] % 4 == 0
+                     and rep["resumed_from_step"] > 0
+                     and rep["resumed_from_step"] % job.train.checkpoint_every == 0
                      and monotone and not leftovers and rep["serving_version_never_decreased"])
     return rep
 

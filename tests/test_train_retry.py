@@ -3,11 +3,13 @@ which resumes from the last checkpoint, finishes every step and logs each step t
 
 Two worker-group starts make it a multi-minute test (3 min on a busy 2-core node), past what
 `make test` affords per test: it runs with RATRAY_CHAOS=1 (beside bench/chaos.py's scenarios)."""
+import importlib.util
 import json
 import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -17,27 +19,16 @@ from ratray.retro.config import RetroJobConfig
 from ratray.retro.driver import run
 from ratray.tracking import tracking_uri
 
+_chaos = importlib.util.spec_from_file_location(  # bench/ is not a package: its file, loaded once
+    "ratray_chaos", Path(__file__).resolve().parents[1] / "bench" / "chaos.py")
+chaos = importlib.util.module_from_spec(_chaos)
+_chaos.loader.exec_module(chaos)
+train_worker_pids = chaos.train_worker_pids  # this cluster's Ray Train worker processes
+
 TINY = ["model_type=baseline", "model.n_layer=2", "model.d_model=64", "model.n_head=2",
         "model.seq_len=128", "train.micro_batch=2", "train.warmup_steps=2", "train.log_every=1",
         "train.eval_sequences=8", "train.num_workers=2", "train.zero_stage=2",
         "train.checkpoint_every=5", "train.steps=60", "train.run_name=t-retry"]
-
-
-def train_worker_pids() -> list[int]:
-    """This session's Ray Train worker processes (children of our raylet: other Ray instances on
-    the host are not ours to kill)."""
-    import psutil
-    import ray
-
-    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
-    pids = []
-    for proc in psutil.Process(raylet).children(recursive=True):
-        try:
-            if "RayTrainWorker" in " ".join(proc.cmdline()):
-                pids.append(proc.pid)
-        except psutil.Error:
-            continue
-    return sorted(pids)
 
 
 def registered_step(run_root) -> int | None:

@@ -167,14 +167,14 @@ class IndexShard:
         return D, I, use.version
 
     @ray.method(concurrency_group="swap")
-    def prepare(self, path: str, allow_older: bool = False) -> int:
+    def prepare(self, path: str) -> int:
         """Load this shard of the index at `path` next to the serving one; returns its version.
-        Versions move forward only, unless `allow_older` (a resumed run restoring its checkpoint's
-        version)."""
+        Versions move forward only (a resumed run serves its checkpoint's index republished under
+        a higher version: refresh.RefreshService.restore)."""
         with self._swap_lock:
             new = self._load(path)
             cur = self._serving
-            if new.version == cur.version or (new.version < cur.version and not allow_older):
+            if new.version <= cur.version:
                 raise ValueError(f"shard {self.shard}: version {new.version} at {path} is not newer "
                                  f"than the serving version {cur.version}")
             if (new.manifest.dim, new.manifest.metric, new.manifest.num_shards) != \
@@ -345,7 +345,7 @@ class ShardedIndex:
         """The serving version (of shard 0; after a completed swap all shards agree)."""
         return int(ray.get(self.actors[0].info.remote())["version"])
 
-    def swap(self, new_dir: str | Path, timeout: float = 600, allow_older: bool = False) -> int:
+    def swap(self, new_dir: str | Path, timeout: float = 600) -> int:
         """Hot-swap every shard to the index at `new_dir` (inside this index's root); returns its
         version. Two-phase (prepare all, rewrite CURRENT, commit all): searches go on throughout
         and never mix versions (see the module docstring). A failed prepare aborts everywhere,
@@ -357,7 +357,7 @@ class ShardedIndex:
                              f"{self.num_shards}")
         v = int(manifest.version)
         try:
-            got = ray.get([a.prepare.remote(str(new_dir), allow_older) for a in self.actors],
+            got = ray.get([a.prepare.remote(str(new_dir)) for a in self.actors],
                           timeout=timeout)
         except BaseException:
             ray.get([a.abort.remote(v) for a in self.actors], timeout=timeout)
