@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from ratray.config import BuildConfig, IndexConfig, ServiceConfig, flatten, to_dict
-from ratray.data.chunks import ChunkStore, build_chunk_store
+from ratray.data.chunks import build_chunk_store
+from ratray.data.store import ChunkStore
 from ratray.eval.metrics import recall_at_k
 from ratray.eval.overlap import overlap_ratios
 from ratray.index.build import build_index, build_settings

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from jobs.build_index import main as build_main
-from ratray.data.chunks import ChunkStore
+from ratray.data.store import ChunkStore
 from ratray.index.store import load_manifest, load_shard
 from tests.conftest import SMALL_BUILD
 

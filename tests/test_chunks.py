@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from ratray.config import ChunkConfig, CorpusConfig
-from ratray.data.chunks import (LATER_CORPUS_FIELDS, SCHEMA, STORE_VERSION, ChunkStore, ChunkStoreError,
-                                build_chunk_store, chunk_store_key)
+from ratray.data.chunks import LATER_CORPUS_FIELDS, build_chunk_store, chunk_store_key
+from ratray.data.store import SCHEMA, STORE_VERSION, ChunkStore, ChunkStoreError
 from ratray.data.corpus import (SkipReport, corpus_fingerprint, is_validation, iter_documents,
                                 list_corpus_files)
 from ratray.data.tokenizer import LMTokenizer, WordPieceTokenizer, load_tokenizer

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from ratray.config import ServiceConfig
-from ratray.data.chunks import ChunkStore
+from ratray.data.store import ChunkStore
 from ratray.index.filtered import DocCodes, filter_candidates
 from ratray.index.search import exact_search
 from ratray.index.service import ShardedIndex

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from ratray.config import IndexConfig, RefreshConfig, ServiceConfig
-from ratray.data.chunks import ChunkStore
+from ratray.data.store import ChunkStore
 from ratray.index.build import build_index
 from ratray.index.refresh import embed_corpus, launch_refresh_service, put_weights
 from ratray.index.service import ShardedIndex

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ratray.data.chunks import ChunkStore
+from ratray.data.store import ChunkStore
 
 CANDIDATE_FACTOR = 2  # first request: k * factor + (chunks of the row's excluded documents)
 

@@ -41,7 +41,7 @@ import numpy as np
 import ray
 
 from ratray.config import IndexConfig, RefreshConfig, ServiceConfig
-from ratray.data.chunks import ChunkStore
+from ratray.data.store import ChunkStore
 from ratray.index.build import build_index
 from ratray.index.factory import IndexBuildError
 from ratray.index.service import ShardedIndex

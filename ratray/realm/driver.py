@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ratray.config import ConfigError, ServiceConfig, to_dict
-from ratray.data.chunks import ChunkStore
+from ratray.data.store import ChunkStore
 from ratray.realm.config import RealmConfig, RealmJobConfig
 from ratray.workdir import Workdir
 

@@ -76,7 +76,7 @@ class RealmWorker(TrainWorker):
     def setup(self) -> None:
         import ray
 
-        from ratray.data.chunks import ChunkStore
+        from ratray.data.store import ChunkStore
         from ratray.index.service import ShardedIndex
         from ratray.realm.masking import make_queries
         from ratray.realm.model import RealmConfig

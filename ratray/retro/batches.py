@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ratray.data.chunks import ChunkStore
+from ratray.data.store import ChunkStore
 
 
 class RetroBatches:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ratray.config import ConfigError, ServiceConfig, to_dict
-from ratray.data.chunks import ChunkStore, ChunkStoreError
+from ratray.data.store import ChunkStore, ChunkStoreError
 from ratray.retro.config import RetroConfig, RetroJobConfig
 from ratray.workdir import Workdir
 

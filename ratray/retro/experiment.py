@@ -75,7 +75,7 @@ def run_experiment(job: RetroJobConfig, name: str = "experiment", retrofit: bool
                    progress: bool = True) -> dict:
     """Build, train every model (or reuse finished runs), evaluate; write and return the report."""
     from ratray.build import build
-    from ratray.data.chunks import ChunkStore
+    from ratray.data.store import ChunkStore
     from ratray.retro import driver
     from ratray.retro.evaluate import evaluate
 

@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ratray.data.chunks import ChunkStore
+from ratray.data.store import ChunkStore
 from ratray.index.filtered import DocCodes, first_request, search_filtered
 
 # ---------------------------------------------------------------------------------------------

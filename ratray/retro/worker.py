@@ -59,7 +59,7 @@ class RetroWorker(TrainWorker):
     job_cls = RetroJobConfig
 
     def setup(self) -> None:
-        from ratray.data.chunks import ChunkStore
+        from ratray.data.store import ChunkStore
         from ratray.index.service import ShardedIndex
         from ratray.retro.batches import RetroBatches
         from ratray.retro.model import RetroConfig
