@@ -29,6 +29,8 @@ Design (documented once, here):
   baseline decoder computed with the same weights (parameter names match, so a baseline state dict
   loads into a retro model with strict=False, and vice versa).
 - A baseline model ignores neighbours, so the same batches drive both models.
+- Decoding (`decode_step`, ratray/retro/generate.py): one token at a time with a KV cache; the
+  neighbours of a chunk enter with the token that completes it and are encoded once per chunk.
 - Init à la GPT-2: normal(0, 0.02), residual output projections 0.02/sqrt(2*n_layer), lm_head tied
   to the token embedding. With zero_init_cca (default) the CCA output projections start at zero, so
   an untrained RETRO equals RETRO[OFF] (safe for RETROfitting a pretrained decoder); their gradient
@@ -63,7 +65,7 @@ import torch.nn.functional as F
 
 from ratray.retro.config import RetroConfig  # the config (a torch-free dataclass: job configs use it)
 
-__all__ = ["Retro", "RetroConfig"]
+__all__ = ["DecodeCache", "Retro", "RetroConfig"]
 
 # ---------------------------------------------------------------------------------------------
 # building blocks
@@ -91,13 +93,18 @@ class Attention(nn.Module):
         self.proj = nn.Linear(d, d, bias=bias)  # residual projection (scaled init)
         self.resid_drop = nn.Dropout(dropout)
 
-    def forward(self, x, q_pos, ctx=None, k_pos=None, mask=None, causal: bool = False):
-        # x (B T d), ctx (B S d_ctx), mask bool broadcastable to (B h T S), True = may attend
-        ctx, k_pos = (x, q_pos) if ctx is None else (ctx, k_pos)
-        (B, T, d), S, h = x.shape, ctx.shape[1], self.n_head
-        q = self.q(x).view(B, T, h, d // h).transpose(1, 2)  # B h T hd
-        k, v = self.kv(ctx).view(B, S, 2, h, d // h).permute(2, 0, 3, 1, 4)  # B h S hd each
-        q, k = rope(q, q_pos), rope(k, k_pos)
+    def keys(self, ctx, k_pos):
+        """ctx (B S d_ctx) → rotated keys and values (B h S hd each): what a KV cache holds."""
+        (B, S, _), h = ctx.shape, self.n_head
+        k, v = self.kv(ctx).view(B, S, 2, h, -1).permute(2, 0, 3, 1, 4)  # B h S hd each
+        return rope(k, k_pos), v
+
+    def forward(self, x, q_pos, ctx=None, k_pos=None, mask=None, causal: bool = False, kv=None):
+        # x (B T d), ctx (B S d_ctx), mask bool broadcastable to (B h T S), True = may attend;
+        # kv: (keys, values) from `keys` (a cache) instead of ctx
+        (B, T, d), h = x.shape, self.n_head
+        q = rope(self.q(x).view(B, T, h, d // h).transpose(1, 2), q_pos)  # B h T hd
+        k, v = kv if kv is not None else self.keys(*((x, q_pos) if ctx is None else (ctx, k_pos)))
         if mask is not None and mask.dtype != torch.bool:
             mask = mask.to(q.dtype)  # additive (CCA's prior), in q's dtype (autocast)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
@@ -198,13 +205,31 @@ class ChunkedCrossAttention(nn.Module):
         l = nb.shape[1]
         cur = F.pad(idx[:, m - 1:], (0, m - 1), value=pad).view(b * l, m)  # (b l) m
         prev = F.pad(idx[:, m - 2:], (0, m - 2), value=pad).view(b * l, m) if m > 1 else cur
-        nb1 = F.pad(nb[..., :-1], (1, 0), value=pad).reshape(b * l, -1)  # token before key j
-        nb2 = F.pad(nb[..., :-2], (2, 0), value=pad).reshape(b * l, -1)  # two before
-        one = (cur[:, :, None] == nb1[:, None, :]) & (cur != pad)[:, :, None]  # (b l) m kr
+        return self._match(cur, prev, nb.reshape(b * l, *nb.shape[2:]))
+
+    def _match(self, cur, prev, nb):
+        # cur, prev (B T) a query's current and previous token, nb (B k r) → (B h T kr)
+        pad = self.pad_id
+        nb1 = F.pad(nb[..., :-1], (1, 0), value=pad).flatten(1)  # token before key j
+        nb2 = F.pad(nb[..., :-2], (2, 0), value=pad).flatten(1)  # two before
+        one = (cur[:, :, None] == nb1[:, None, :]) & (cur != pad)[:, :, None]  # B T kr
         two = one & (prev[:, :, None] == nb2[:, None, :])
         w = self.match.float()  # 2 h
         return (one.float()[:, None] * w[0, None, :, None, None]
-                + two.float()[:, None] * w[1, None, :, None, None])  # (b l) h m kr
+                + two.float()[:, None] * w[1, None, :, None, None])  # B h T kr
+
+    def logit_mask(self, ok, q_pos, k_pos, bonus):
+        """ok (B kr) real keys, q_pos (T), k_pos (kr), bonus (B h T kr) or None → the attention
+        mask: bool (B 1 1 kr), or additive (B h T kr) with the prior and the match bonus."""
+        mask = _key_mask(ok)  # B 1 1 kr
+        if self.prior:  # -slope_h * distance to the aligned position of the predicted token
+            dist = (k_pos[None, :] - q_pos[:, None] - 1).abs()  # T kr
+            prior = -self.slopes[:, None, None] * dist  # h T kr
+            mask = torch.where(mask, prior, float("-inf"))  # B h T kr, -inf: pad key
+        if bonus is not None:  # + bonus where the neighbour continues the current tokens
+            mask = torch.where(mask, 0.0, float("-inf")) + bonus if mask.dtype == torch.bool \
+                else mask + bonus
+        return mask
 
     def forward(self, x, e, key_ok, idx=None, nb=None):
         # x (b n d) normalised, e (b l k r D), key_ok (b l k r) → update (b n d);
@@ -216,18 +241,21 @@ class ChunkedCrossAttention(nn.Module):
         ok = key_ok.reshape(b * l, kr)  # neighbour and time axes merged
         q_pos = torch.arange(m - 1, 2 * m - 1, device=x.device)  # in the frame of [N, F]
         k_pos = torch.arange(e.shape[3], device=x.device).repeat(e.shape[2])
-        mask = _key_mask(ok)  # (b l) 1 1 kr
-        if self.prior:  # -slope_h * distance to the aligned position of the predicted token
-            dist = (k_pos[None, :] - q_pos[:, None] - 1).abs()  # m kr
-            prior = -self.slopes[:, None, None] * dist  # h m kr
-            mask = torch.where(mask, prior, float("-inf"))  # (b l) h m kr, -inf: pad key
-        if hasattr(self, "match"):  # + bonus where the neighbour continues the current tokens
-            bonus = self.match_bias(idx, nb)
-            mask = torch.where(mask, 0.0, float("-inf")) + bonus if mask.dtype == torch.bool \
-                else mask + bonus
+        mask = self.logit_mask(ok, q_pos, k_pos,
+                               self.match_bias(idx, nb) if hasattr(self, "match") else None)
         y = self.attn(q, q_pos, ctx=e.reshape(b * l, kr, -1), k_pos=k_pos, mask=mask)  # (b l) m d
         y = y * ok.any(-1).to(y.dtype)[:, None, None]  # all keys pad → exact zero update
         return F.pad(y.view(b, l * m, d)[:, : n - m + 1], (0, 0, m - 1, 0))  # first m-1: zero
+
+    def step(self, x, group, j: int, cur, prev):
+        """One position of a group (decoding): x (b 1 d) normalised, query j of the group,
+        cur/prev (b) its current and previous token; group from `Retro.decode_step`."""
+        (kv, ok, nb), m = group, self.chunk_tokens
+        q_pos = torch.tensor([m - 1 + j], device=x.device)
+        k_pos = torch.arange(nb.shape[-1], device=x.device).repeat(nb.shape[1])
+        bonus = self._match(cur[:, None], prev[:, None], nb) if hasattr(self, "match") else None
+        y = self.attn(x, q_pos, kv=kv, mask=self.logit_mask(ok, q_pos, k_pos, bonus))  # b 1 d
+        return y * ok.any(-1).to(y.dtype)[:, None, None]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,6 +280,30 @@ class Block(nn.Module):
         if e is not None and hasattr(self, "cca"):
             x = x + self.cca(self.ln_cca(x), e, key_ok, idx, nb)
         return x + self.mlp(self.ln_2(x))
+
+    def step(self, x, pos, cache: "DecodeCache", i: int):
+        """Decoding: x (b 1 d) at position pos (1,); earlier keys/values from the cache."""
+        a = self.ln_1(x)
+        k, v = self.attn.keys(a, pos)  # b h 1 hd
+        if cache.kv[i] is not None:
+            k, v = torch.cat([cache.kv[i][0], k], 2), torch.cat([cache.kv[i][1], v], 2)
+        cache.kv[i] = (k, v)
+        x = x + self.attn(a, pos, kv=(k, v))  # the one query comes after every key: no mask
+        if cache.group is not None and hasattr(self, "cca"):
+            m, idx = self.cca.chunk_tokens, cache.idx
+            x = x + self.cca.step(self.ln_cca(x), cache.group[i], (int(pos) + 1) % m, idx[:, -1],
+                                  idx[:, -2] if m > 1 else idx[:, -1])
+        return x + self.mlp(self.ln_2(x))
+
+
+class DecodeCache:
+    """What `Retro.decode_step` keeps between tokens (b rows, p tokens fed so far): per block the
+    self-attention keys/values (b h p hd); the tokens (b p); the first CCA layer's input over the
+    current chunk (b ≤m d: the encoder's H_u); the group being served, per CCA block: its keys and
+    values of E (b h kr hd), the real keys (b kr) and the neighbour tokens (b k r)."""
+
+    def __init__(self, n_blocks: int):
+        self.n, self.kv, self.idx, self.h, self.group = 0, [None] * n_blocks, None, None, None
 
 
 class Retro(nn.Module):
@@ -327,6 +379,36 @@ class Retro(nn.Module):
             return logits, None
         nll, count = self._nll(logits, targets)
         return logits, nll / count.clamp(min=1)
+
+    @torch.no_grad()
+    def decode_step(self, tok, cache: DecodeCache, neighbours=None):
+        """Feed one token per row, tok (b,), at position p = cache.n (a fresh cache: DecodeCache(
+        len(model.blocks))); returns the logits (b V) that forward gives at p. Costs one position.
+        neighbours (b k' r'): retrieved with the chunk this token completes (p % m == m-1), served
+        by CCA at positions p .. p+m-1 (forward's group of that chunk); none at such a token: those
+        positions get no CCA (as all-pad neighbours), so RETRO[OFF] never passes any."""
+        cfg, m, p = self.cfg, self.cfg.chunk_tokens, cache.n
+        if neighbours is not None and (not self.retrieval or p % m != m - 1):
+            raise ValueError(f"neighbours go with a token that completes a chunk (position % {m} "
+                             f"== {m - 1}) of a retro model; got position {p}")
+        cache.idx = tok[:, None] if cache.idx is None else torch.cat([cache.idx, tok[:, None]], 1)
+        pos = torch.tensor([p], device=tok.device)
+        x = self.wte(tok)[:, None]  # b 1 d
+        if p % m == m - 1:
+            cache.group = None  # the previous chunk's group ended at p-1
+        for i, block in enumerate(self.blocks):
+            if self.retrieval and i + 1 == cfg.cca_layers[0]:
+                cache.h = x if p % m == 0 else torch.cat([cache.h, x], 1)  # b (p%m+1) d
+                if neighbours is not None:
+                    ok = neighbours != cfg.pad_id  # b k r
+                    e = self.encoder(self.wte(neighbours)[:, None], cache.h, ok[:, None])[:, 0]
+                    k_pos = torch.arange(e.shape[2], device=e.device).repeat(e.shape[1])
+                    cache.group = {j: (b.cca.attn.keys(e.flatten(1, 2), k_pos), ok.flatten(1),
+                                       neighbours) for j, b in enumerate(self.blocks)
+                                   if hasattr(b, "cca")}  # b k r D → keys/values once per chunk
+            x = block.step(x, pos, cache, i)
+        cache.n += 1
+        return self.lm_head(self.ln_f(x))[:, 0]
 
     def _nll(self, logits, targets):
         nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
