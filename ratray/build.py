@@ -22,11 +22,13 @@ import numpy as np
 
 from ratray.config import BuildConfig, IndexConfig, ServiceConfig, flatten, to_dict
 from ratray.data.chunks import build_chunk_store
+from ratray.data.clean import clean_summary, format_clean
 from ratray.data.store import ChunkStore
 from ratray.eval.metrics import recall_at_k
 from ratray.eval.overlap import overlap_ratios
 from ratray.index.build import build_index, build_settings
 from ratray.index.embed import embed_with_cache
+from ratray.index.keyword import build_keyword_shards, has_keyword, manifest_entry
 from ratray.index.search import exact_search
 from ratray.index.service import ShardedIndex
 from ratray.index.store import Manifest, check_embedding_model, load_manifest, write_manifest
@@ -149,6 +151,15 @@ def _build(cfg: BuildConfig, wd: Workdir, progress: bool) -> dict:
         manifest = build_index(vectors, db_ids.astype(np.int64), path, cfg.index,
                                embedding_model=model, chunk_store=store.key)
     timings["index_build_s"] = time.perf_counter() - t
+    # BM25 shards beside the dense ones, same chunk ids per shard: always (seconds, next to the
+    # embedding's minutes), so any job can turn index.hybrid on without a rebuild
+    keyword = "reused"
+    if not has_keyword(path, manifest):
+        t = time.perf_counter()
+        keyword = build_keyword_shards(path, store.texts, manifest)
+        manifest.extra["keyword"] = manifest_entry()
+        write_manifest(path, manifest)  # last: the manifest names complete keyword files
+        timings["keyword_s"] = time.perf_counter() - t
 
     # through the real shard actors: recall@10 against exact search on held-out (validation)
     # chunks, and how much of the validation text the database holds (RETRO's r(C))
@@ -176,12 +187,13 @@ def _build(cfg: BuildConfig, wd: Workdir, progress: bool) -> dict:
         "chunk_store": {"path": str(store.path), "key": store.key, "reused": store.reused},
         "counts": {**meta.get("counts", {}), "index_vectors": int(manifest.ntotal)},
         "skipped": meta.get("skips", {}),
+        "clean": clean_summary(meta.get("clean")),  # PII by type, duplicates, contaminated val ids
         "embeddings": estats.as_dict(),
         "index": {"path": str(path), "reused": index_reused, "search_settings_updated": search_updated,
                   "factory": manifest.factory,
                   "factory_requested": manifest.factory_requested, "metric": manifest.metric,
                   "dim": manifest.dim, "shards": len(manifest.shards), "nprobe": manifest.nprobe,
-                  "ef_search": manifest.ef_search, "version": manifest.version},
+                  "ef_search": manifest.ef_search, "version": manifest.version, "keyword": keyword},
         "recall": recall,
         "overlap": overlap,
         "timings": {k: round(v, 3) for k, v in timings.items()},
@@ -202,6 +214,7 @@ def format_build(s: dict) -> str:
     lines = [f"chunk store: {docs['total']:,} documents → {ch['total']:,} chunks ({splits})"
              + (f"; {sk['total']} documents skipped ({skipped})" if sk["total"] else "")
              + (f"; reading stopped at corpus.{sk['capped']}" if sk.get("capped") else ""),
+             *([format_clean(s["clean"])] if s.get("clean") else []),
              f"embeddings: {e['embedded']:,} embedded ({e['chunks_per_s']} chunks/s), {e['cached']:,} "
              f"from the cache",
              f"database: {c['index_vectors']:,} chunks (train + db) in {ix['shards']} {ix['factory']} "

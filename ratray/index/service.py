@@ -24,6 +24,10 @@
 - Every shard re-scores its candidates exactly (see `search.search_topk`), so the merged top-k does
   not depend on batch composition and exact ties come out by chunk id.
 
+Keyword (BM25) shards, where the index has them (keyword.py): each actor loads its shard with
+the version's global statistics next to the FAISS shard, so they swap together; `keyword_search`
+(plain Ray calls) merges exactly, `hybrid_search` fuses it with the dense top-k (`index.hybrid`).
+
 Versions and hot swaps (REALM's refreshed index). An index root is either a plain index folder
 or a versioned one (`versions/vNNNNNN/` + `CURRENT`; the format is `store.py`'s).
 `ShardedIndex.swap(new_dir)` is a two-phase commit:
@@ -53,7 +57,8 @@ from ratray.config import ServiceConfig
 from ratray.index.factory import configure_faiss
 from ratray.index.fanout import (ShardTimeoutError, ShardVersionError, SearchFuture,  # noqa: F401
                                  actor_name, wait_infos)
-from ratray.index.search import SearchResult, enable_reconstruct, search_topk
+from ratray.index.keyword import fuse, load_keyword
+from ratray.index.search import SearchResult, enable_reconstruct, merge_topk, search_topk
 from ratray.index.store import load_manifest, load_shard, serving_dir, write_current
 from ratray.index.wire import Channels, ShardServer
 
@@ -79,6 +84,7 @@ class _Loaded:
     ids: np.ndarray
     exact_ties: bool
     vectors: np.ndarray | None = None  # flat storage for exact re-scoring when on the GPU
+    keyword: object = None  # keyword.KeywordSearcher of this shard (None: no keyword index)
 
     def release(self) -> None:
         if hasattr(self.index, "release"):  # free the GPU copy now, not at garbage collection
@@ -119,6 +125,7 @@ class IndexShard:
         manifest = load_manifest(path)
         index, ids = load_shard(path, self.shard, manifest)
         loaded = _Loaded(int(manifest.version), path, manifest, index, ids, enable_reconstruct(index))
+        loaded.keyword = load_keyword(path, self.shard, manifest)  # BM25, swapped with the dense
         if self.use_gpu:  # FAISS on this actor's GPU share; candidates re-scored from the CPU copy
             from ratray.index.gpu import gpu_count, gpu_index_or_none
 
@@ -142,14 +149,17 @@ class IndexShard:
         serving version answers (and says so). The socket channel (wire.py) calls `_search`."""
         return self._search(queries, k, version)
 
-    def _search(self, queries: np.ndarray, k: int, version: int | None = None
-                ) -> tuple[np.ndarray, np.ndarray, int]:
+    def _pick(self, version: int | None) -> _Loaded:
         use = self._serving  # one read: a concurrent commit cannot change it under this search
         if version is not None and version != use.version:
             for other in (self._staged, self._previous):
                 if other is not None and other.version == version:
-                    use = other
-                    break
+                    return other
+        return use
+
+    def _search(self, queries: np.ndarray, k: int, version: int | None = None
+                ) -> tuple[np.ndarray, np.ndarray, int]:
+        use = self._pick(version)
         q = _check_queries(queries, use.manifest.dim)
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
@@ -165,6 +175,21 @@ class IndexShard:
             self.search_s += time.perf_counter() - t0
             self.pinned += use is not self._serving
         return D, I, use.version
+
+    @ray.method(concurrency_group="search", num_returns=3)
+    def keyword_search(self, texts: list[str], k: int, version: int | None = None
+                       ) -> tuple[np.ndarray, np.ndarray, int]:
+        """BM25 over this shard with the version's global statistics (keyword.py): texts (b,) ->
+        scores (b, k') float32 descending, chunk ids (b, k') int64 (-1 past the matches),
+        version; `version` as for `search`."""
+        use = self._pick(version)
+        if use.keyword is None:
+            raise ValueError(f"index {use.path} has no keyword shards (manifest.extra['keyword']):"
+                             " build it again with this code (ratray.build builds them)")
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        S, I = use.keyword.search(list(texts), k)
+        return S, I, use.version
 
     @ray.method(concurrency_group="swap")
     def prepare(self, path: str) -> int:
@@ -218,6 +243,7 @@ class IndexShard:
                 "size": int(cur.index.ntotal), "ntotal": m.ntotal, "factory": m.factory,
                 "metric": m.metric, "dim": m.dim, "nprobe": m.nprobe, "ef_search": m.ef_search,
                 "exact_ties": cur.exact_ties, "omp_threads": self.omp_threads, "nice": self.nice,
+                "keyword_size": cur.keyword.size if cur.keyword is not None else None,
                 "address": list(self._server.address) if self._server else None,
                 "gpu": self.gpu_note,
                 "index_dir": self.index_dir, "serving_dir": cur.path, "pid": os.getpid(),
@@ -337,6 +363,44 @@ class ShardedIndex:
     def search(self, queries: np.ndarray, k: int) -> SearchResult:
         """Exact merged top-k over all shards: distances (b, k), chunk ids (b, k), version."""
         return self.search_async(queries, k).result()
+
+    def keyword_search(self, texts: list[str], k: int, version: int | None = None
+                       ) -> SearchResult:
+        """Exact merged BM25 top-k over all shards (keyword.py): scores (b, k) descending, chunk
+        ids (b, k) (-1 where fewer chunks share a token with the query), version. Plain Ray
+        calls; every shard answers for one version (a lagging shard is re-asked for the newest)."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not 0 < k <= self.ntotal:
+            raise ValueError(f"k={k} is out of range: the index holds {self.ntotal} chunks")
+        ask = list(range(self.num_shards))
+        parts: list = [None] * self.num_shards
+        for _ in range(3):  # a swap half-way: the lagging shards hold the newer version prepared
+            if not ask:
+                break
+            refs = [self.actors[i].keyword_search.remote(texts, k, version) for i in ask]
+            got = ray.get([r for three in refs for r in three], timeout=self.timeout_s)
+            for j, i in enumerate(ask):
+                parts[i] = got[3 * j: 3 * j + 3]  # scores, chunk ids, version
+            newest = max(p[2] for p in parts)
+            ask = [i for i, p in enumerate(parts) if p[2] != newest]
+            version = newest
+        if ask:
+            raise ShardVersionError(f"keyword search: shards answered from versions "
+                                    f"{sorted({int(p[2]) for p in parts})}")
+        S, I = merge_topk([p[0] for p in parts], [p[1] for p in parts], k, "ip")
+        return SearchResult(S, I, int(version))
+
+    def hybrid_search(self, queries: np.ndarray, texts: list[str], k: int, cfg) -> SearchResult:
+        """What a job retrieves under `cfg` (its IndexConfig): `index.hybrid` off: the dense
+        top-k; rrf | weighted: the dense and BM25 top-`hybrid_depth` lists (one version) fused
+        (keyword.fuse), fused scores (b, k) descending and chunk ids (b, k)."""
+        if cfg.hybrid == "off":
+            return self.search(queries, k)
+        depth = min(max(k, cfg.hybrid_depth), self.ntotal)
+        dense = self.search(queries, depth)
+        kw = self.keyword_search(texts, depth, version=dense.version)
+        S, I = fuse(dense.distances, dense.ids, self.metric, kw.distances, kw.ids, k, cfg)
+        return SearchResult(S, I, dense.version)
 
     def info(self) -> list[dict]:
         return ray.get([a.info.remote() for a in self.actors])
