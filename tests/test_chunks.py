@@ -12,6 +12,7 @@ import pytest
 
 from ratray.config import ChunkConfig, CorpusConfig
 from ratray.data.chunks import LATER_CORPUS_FIELDS, build_chunk_store, chunk_store_key
+from ratray.data.clean import CLEAN_FIELDS, clean_settings
 from ratray.data.store import SCHEMA, STORE_VERSION, ChunkStore, ChunkStoreError
 from ratray.data.corpus import (SkipReport, corpus_fingerprint, is_validation, iter_documents,
                                 list_corpus_files)
@@ -256,9 +257,15 @@ def test_texts_decode_the_chunk_tokens(store):
 
 
 def test_unchunked_documents_are_counted_as_too_short(store, docs):
-    skipped = set(docs) - set(store.column("doc_id"))  # every document not chunked was too short
-    assert len(skipped) == store.meta["skips"]["counts"].get("shorter_than_chunk", 0)
-    assert all(len(store.tokenizer.encode(docs[d].text)) < store.chunk_tokens for d in skipped)
+    # every document not chunked was too short, or an exact duplicate (ratray/data/clean.py: the
+    # stdlib's __phello__/spam.py is a copy of __phello__/__init__.py)
+    skipped = set(docs) - set(store.column("doc_id"))
+    duplicates = {removed for removed, _ in store.meta["clean"]["exact_duplicates"]["pairs"]}
+    counts = store.meta["skips"]["counts"]
+    assert len(skipped) == counts.get("shorter_than_chunk", 0) + counts.get("duplicate", 0)
+    assert duplicates <= skipped
+    assert all(len(store.tokenizer.encode(docs[d].text)) < store.chunk_tokens
+               for d in skipped - duplicates)
 
 
 def test_tokens_pad_to_a_wider_width(store):
@@ -502,7 +509,10 @@ def test_wordpiece_meta_records_the_tokenizer(wp_store):
 
 def test_wordpiece_keeps_every_document(wp_store, wp_docs):
     chunked = list(dict.fromkeys(wp_store.column("doc_id").tolist()))
-    assert set(chunked) == set(wp_docs)  # no document skipped: short ones are kept whole
+    duplicates = {removed for removed, _ in wp_store.meta["clean"]["exact_duplicates"]["pairs"]}
+    assert duplicates == {"__phello__/spam.py"}  # an exact copy of __phello__/__init__.py
+    # no other document skipped: short ones are kept whole
+    assert set(chunked) == set(wp_docs) - duplicates
 
 
 @pytest.fixture(scope="module")
@@ -604,9 +614,11 @@ def test_bpe_key_hashes_only_the_pre_wordpiece_fields(stores):
     store = stores(64)
     later = ("db_fraction", "versions", "version_edits")  # added after stores existed: out at default
     assert set(later) == set(LATER_CORPUS_FIELDS)
-    corpus_settings = {k: v for k, v in dataclasses.asdict(CORPUS).items() if k != "path" and k not in later}
+    corpus_settings = {k: v for k, v in dataclasses.asdict(CORPUS).items()
+                       if k != "path" and k not in later and k not in CLEAN_FIELDS}
     payload = {"version": STORE_VERSION, "fingerprint": corpus_fingerprint(CORPUS), "corpus": corpus_settings,
-               "chunks": {"chunk_tokens": 64, "vocab_size": VOCAB, "min_frequency": 2}}
+               "chunks": {"chunk_tokens": 64, "vocab_size": VOCAB, "min_frequency": 2},
+               "clean": clean_settings(CORPUS)}  # cleaning resolved: stores from before it are rebuilt
     assert store.key == hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
     assert store.key == chunk_store_key(CORPUS, ChunkConfig(chunk_tokens=64, vocab_size=VOCAB))
 

@@ -94,6 +94,8 @@ NEGATIVES = [
     "key = os.environ['API_KEY']", "pip install torch==2.13.0", "DE00 0000 0000 0000 0000 00",
     "sk-short", "ghp_tooShort", "Content-Length: 348", "a.b.c.d = 1.2.3.4.5", "shape (512, 384, 64)",
     "epoch 3/100 loss 2.3456 lr 1e-3", "seed=1234567", "ports 8000-8100", "3.12.1.4.5 build",
+    # found in the stdlib by an earlier version (decimals, AIX build ids, a code-page table)
+    "'6107-1415-64': '7.1'", "Decimal('+35236450.6')", "0x0148: 33471-90901,", "mu = 31.01875",
 ]
 
 

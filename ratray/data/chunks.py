@@ -19,7 +19,9 @@ Two tokenizers (`chunks.tokenizer`):
              UTF-8 length. Blocks tokenize back to their tokens when they start at a word boundary.
 
 Build, in data-flow order (the corpus is streamed up to three times, so memory holds one batch of docs):
-  1. plan      read all documents once: skip report, train/val split by document id;
+  1. plan      read all documents once: skip report, cleaning (ratray/data/clean.py: PII scrubbed,
+               exact duplicates removed, near-duplicates found — every later pass sees the same
+               cleaned stream; the report is meta.json's "clean"), train/val split by document id;
   2. tokenizer bpe: train on the train documents' text only; wordpiece: load the model's;
   3. chunk     tokenize in batches, cut each document into consecutive `chunk_tokens` chunks that
                never cross a document (only its last chunk may be shorter), write Parquet batches.
@@ -51,6 +53,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from ratray.config import ChunkConfig, CorpusConfig
+from ratray.data.clean import CLEAN_FIELDS, Cleaner, clean_settings
 from ratray.data.corpus import (Document, SkipReport, corpus_fingerprint, iter_documents,
                                 plan_split, split_of)
 from ratray.data.store import SCHEMA, SPLITS, STORE_VERSION, ChunkStore, ChunkStoreError
@@ -72,13 +75,16 @@ def chunk_store_key(corpus: CorpusConfig, chunks: ChunkConfig, fingerprint: str 
 
     The corpus path itself is not part of the key: the fingerprint already covers the files, so the
     same content in another folder reuses the same store. Only the settings of the chosen tokenizer
-    count (see `_key_chunk_settings`).
+    count (see `_key_chunk_settings`). The cleaning settings enter resolved (`clean_settings`: pii
+    auto as on/off, the cleaning version), so a store built before cleaning existed (unscrubbed,
+    not deduplicated) is never reused for a build that cleans.
     """
     settings = _settings(corpus, chunks)
     payload = {"version": STORE_VERSION, "fingerprint": fingerprint or corpus_fingerprint(corpus),
                "corpus": {k: v for k, v in settings["corpus"].items()
-                          if k != "path" and LATER_CORPUS_FIELDS.get(k, object()) != v},
-               "chunks": _key_chunk_settings(chunks)}
+                          if k != "path" and k not in CLEAN_FIELDS
+                          and LATER_CORPUS_FIELDS.get(k, object()) != v},
+               "chunks": _key_chunk_settings(chunks), "clean": clean_settings(corpus)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -158,7 +164,7 @@ def _cut(lens: np.ndarray, chunk_tokens: int) -> tuple[np.ndarray, ...]:
     return chunk_doc, pos, starts, ends, pos + 1 == n_chunks[chunk_doc]
 
 
-def _chunk_batch(docs: list[Document], ids: list, split: list[str], chunk_tokens: int,
+def chunk_documents(docs: list[Document], ids: list, split: list[str], chunk_tokens: int,
                  tok: LMTokenizer | WordPieceTokenizer, first_id: int, skips: SkipReport,
                  offsets: list[np.ndarray] | None = None) -> pa.Table | None:
     """Cut a batch of tokenized documents into chunks of `chunk_tokens` tokens (vectorised); None
@@ -219,10 +225,19 @@ def _build(corpus: CorpusConfig, chunks: ChunkConfig, out: Path, key: str, finge
            progress: bool) -> None:
     t0 = time.time()
     skips = SkipReport()
-    docs_read, forced_val = plan_split(corpus, skips)
+    cleaner = Cleaner(corpus)
+    docs_read, forced_val = plan_split(corpus, skips, cleaner.read(iter_documents(corpus, skips), skips))
+
+    def split_id(doc_id: str) -> str:
+        return "val" if doc_id == forced_val else split_of(doc_id, corpus)
 
     def split(doc: Document) -> str:
-        return "val" if doc.doc_id == forced_val else split_of(doc.doc_id, corpus)
+        return split_id(doc.doc_id)
+
+    docs_read["train"] -= cleaner.resolve(split_id, skips)  # near_dup=drop: train near-duplicates
+
+    def cleaned() -> Iterator[Document]:  # every later pass: scrubbed, removed documents left out
+        return cleaner.stream(iter_documents(corpus, SkipReport()))
 
     # 2. tokenizer: BPE trained on the train split only (re-read: the skip report of pass 1 is the
     # one kept), or the fixed WordPiece of the model, copied into the store
@@ -231,7 +246,7 @@ def _build(corpus: CorpusConfig, chunks: ChunkConfig, out: Path, key: str, finge
     if wordpiece:
         tok = WordPieceTokenizer.from_model(chunks.wordpiece_model)
     else:
-        train_texts = (d.text for d in iter_documents(corpus, SkipReport()) if split(d) == "train")
+        train_texts = (d.text for d in cleaned() if split(d) == "train")
         tok = LMTokenizer.train(train_texts, chunks.vocab_size, chunks.min_frequency)
     tok.save(out / "tokenizer.json")
     t_tok = time.time() - t0
@@ -241,15 +256,15 @@ def _build(corpus: CorpusConfig, chunks: ChunkConfig, out: Path, key: str, finge
     n_written = 0
     bar = tqdm(total=sum(docs_read.values()), unit="doc", desc="tokenize+chunk", disable=not progress)
     with pq.ParquetWriter(out / "chunks.parquet", SCHEMA) as writer:
-        for docs in _batches(iter_documents(corpus, SkipReport()), DOC_BATCH):
+        for docs in _batches(cleaned(), DOC_BATCH):
             splits = [split(d) for d in docs]
             texts = [d.text for d in docs]
             if wordpiece:
                 ids, offsets = zip(*tok.encode_batch_offsets(texts))
-                table = _chunk_batch(docs, list(ids), splits, chunks.chunk_tokens, tok, n_written,
+                table = chunk_documents(docs, list(ids), splits, chunks.chunk_tokens, tok, n_written,
                                      skips, list(offsets))
             else:
-                table = _chunk_batch(docs, tok.encode_batch(texts), splits, chunks.chunk_tokens, tok,
+                table = chunk_documents(docs, tok.encode_batch(texts), splits, chunks.chunk_tokens, tok,
                                      n_written, skips)
             bar.update(len(docs))
             if table is None:
@@ -280,7 +295,7 @@ def _build(corpus: CorpusConfig, chunks: ChunkConfig, out: Path, key: str, finge
         "version": STORE_VERSION, "key": key, "fingerprint": fingerprint,
         "settings": _settings(corpus, chunks), "counts": counts,
         "documents_read": {**docs_read, "total": sum(docs_read.values())},
-        "forced_val_doc": forced_val, "skips": skips.as_dict(),
+        "forced_val_doc": forced_val, "skips": skips.as_dict(), "clean": cleaner.report(),
         "tokenizer": _tokenizer_meta(tok, chunks, t_tok),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "build_seconds": round(time.time() - t0, 3),

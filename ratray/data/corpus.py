@@ -31,6 +31,8 @@ document and counts it in a `SkipReport` under a reason, with its location:
   dangling_link        a symlink to nothing, or a loop                   folder listing
   hidden               a dot-file or dot-folder inside a corpus folder   folder listing
   shorter_than_chunk   fewer tokens than one chunk (added by chunks.py)  any (bpe stores)
+  duplicate            the same text as an earlier document (clean.py)   any (corpus.dedup)
+  near_duplicate       a train near-duplicate (clean.py)                 any (corpus.near_dup=drop)
   no_tokens            no wordpiece at all (added by chunks.py)          any (wordpiece stores)
 
 Errors (never skipped): nonexistent path, malformed JSON line, a row that is not an object, a missing
@@ -46,7 +48,7 @@ import hashlib
 import os
 import sysconfig
 from pathlib import Path
-from typing import Collection, Iterator
+from typing import Collection, Iterable, Iterator
 
 from ratray.config import CorpusConfig
 from ratray.data.readers import entry_problem, file_digest, read_file
@@ -218,13 +220,17 @@ def split_of(doc_id: str, cfg: CorpusConfig) -> str:
         else "train"
 
 
-def plan_split(cfg: CorpusConfig, skips: SkipReport) -> tuple[dict[str, int], str | None]:
+def plan_split(cfg: CorpusConfig, skips: SkipReport,
+               docs: Iterable[Document] | None = None) -> tuple[dict[str, int], str | None]:
     """Read every document once: documents per split, and the document forced into "val" when the
     hash put none there although val_fraction > 0 and there are ≥ 2 documents (the one with the
-    smallest `split_score`, nearest to the val side), so a small corpus still holds one out."""
+    smallest `split_score`, nearest to the val side), so a small corpus still holds one out.
+
+    `docs`: the documents to plan (default: `iter_documents(cfg, skips)`; the chunk store passes
+    them through its cleaner, so removed duplicates take no split)."""
     n = {"train": 0, "val": 0, "db": 0}
     nearest: tuple[float, str, str] | None = None  # (split_score, doc_id, its split)
-    for doc in iter_documents(cfg, skips):
+    for doc in (iter_documents(cfg, skips) if docs is None else docs):
         s = split_of(doc.doc_id, cfg)
         n[s] += 1
         score = split_score(doc.doc_id, cfg.seed)

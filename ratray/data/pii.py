@@ -26,10 +26,13 @@ the tokenizer, the chunk store, the embeddings nor the model ever see the scrubb
                                   by `ipaddress`; at least 3 groups or a group of >= 3 hex digits,
                                   so Python slices like `x[1::2]` are not addresses)
   PHONE         <PHONE>           `phonenumbers` (Google libphonenumber's port) matches valid numbers
-                                  for their country: international (+CC) anywhere, national ones for
-                                  PHONE_REGION; a match written as one bare digit run (no "+",
-                                  space, dash, dot or parenthesis) is refused: in code such runs are
-                                  integer constants (2147483647 is a valid Dallas number)
+                                  for their country, grouped as that country groups them
+                                  (STRICT_GROUPING: build ids like 6107-1415-64 are not numbers):
+                                  international (+CC) anywhere, national ones for PHONE_REGION; a
+                                  match written as one bare digit run (no "+", space, dash, dot or
+                                  parenthesis) is refused (in code such runs are integer constants:
+                                  2147483647 is a valid Dallas number), and so is one inside a
+                                  decimal or a word (+35236450.6)
 
 Why not Presidio: `presidio-analyzer` 2.2.366 pulls spaCy 3.8 and 19 other packages (thinc, blis,
 tldextract, httpx, ...), and its AnalyzerEngine wants a spaCy language model that is downloaded at
@@ -73,8 +76,8 @@ _TOKENS = re.compile(r"""(?<![A-Za-z0-9_-])(?:
     | hf_[A-Za-z]{30,}
     | eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}
     )(?![A-Za-z0-9_-])""", re.X)
-_ASSIGNED = re.compile(
-    r"""(?i)\b[\w.-]*(?:password|passwd|pwd|secret|api[_-]?key|access[_-]?key|auth[_-]?token|token)[\w-]*"""
+_ASSIGNED = re.compile(  # the name may have any prefix (db_password, SECRET_KEY, stripe.api_key)
+    r"""(?i)(?:password|passwd|pwd|secret|api[_-]?key|access[_-]?key|auth[_-]?token|token)[\w-]*"""
     r"""["']?\s*[:=]\s*["']([^"'\s]{12,})["']""")
 _EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?\.)+"
                     r"[A-Za-z]{2,24}(?![\w-])")
@@ -83,6 +86,7 @@ _IBAN = re.compile(r"(?<![A-Za-z0-9])([A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]{4}){2,7}(?: 
 _CARD = re.compile(r"(?<![\w.-])\d(?:[ -]?\d){12,18}(?!\w|[.-]\d)")
 _IPV4 = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?![\w]|\.\d)")
 _IPV6 = re.compile(r"(?<![\w:.])[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}(?![\w:.])")
+_NUMBER_AROUND = re.compile(r"[\w.]\||.*\|\.\d")  # "before|after": part of a decimal or a word
 _VERSION_BEFORE = re.compile(r"(?i)(?:\bv|version\s*|release\s*)$")
 
 # IBAN lengths by country (ISO 13616 registry; SWIFT's IBAN registry, release 2024)
@@ -172,8 +176,10 @@ def _phones(text: str) -> Iterator[Span]:
     if not re.search(r"\d{3}", text.replace(" ", "").replace("-", "")):
         return  # fewer than three digits in a row even without separators: no phone number
     for m in phonenumbers.PhoneNumberMatcher(text, PHONE_REGION,
-                                             leniency=phonenumbers.Leniency.VALID):
-        if re.search(r"[+\s().-]", m.raw_string):  # a bare digit run is a code constant
+                                             leniency=phonenumbers.Leniency.STRICT_GROUPING):
+        if re.search(r"[+\s().-]", m.raw_string) \
+                and not _NUMBER_AROUND.match(text[max(0, m.start - 1):m.start] + "|"
+                                             + text[m.end:m.end + 2]):
             yield m.start, m.end, "PHONE"
 
 
