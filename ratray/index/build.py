@@ -68,7 +68,7 @@ def _tune_nprobe(shards, vectors, ids, metric: str, nlist: int, n_queries: int, 
     return int(p), float(r), table
 
 
-def _ivf_lists(index: faiss.Index, vectors: np.ndarray, block: int = 65_536) -> np.ndarray | None:
+def ivf_lists(index: faiss.Index, vectors: np.ndarray, block: int = 65_536) -> np.ndarray | None:
     """Inverted list of every row, (n,) int64, as the trained `index` would assign it; None if
     `index` is not an IVF (possibly behind vector transforms such as OPQ or PCA)."""
     top, chain = faiss.downcast_index(index), []
@@ -97,7 +97,7 @@ def shard_rows(index: faiss.Index, vectors: np.ndarray, num_shards: int
     for 2 list shards). Results are identical either way. Other indexes, or lists too few or
     too uneven to balance: contiguous row ranges."""
     n = len(vectors)
-    lists = _ivf_lists(index, vectors) if num_shards > 1 else None
+    lists = ivf_lists(index, vectors) if num_shards > 1 else None
     if lists is not None:
         sizes = np.bincount(lists)
         owner, load = np.zeros(len(sizes), np.int64), np.zeros(num_shards, np.int64)
