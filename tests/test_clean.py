@@ -9,7 +9,8 @@ import pytest
 
 from ratray.config import BuildConfig, ChunkConfig, ConfigError, CorpusConfig, load_config
 from ratray.data.chunks import build_chunk_store, chunk_store_key
-from ratray.data.clean import Cleaner, clean_summary, format_clean, pii_enabled, shingles
+from ratray.data.clean import (Cleaner, clean_summary, contaminated_val_ids, format_clean,
+                                pii_enabled, shingles)
 from ratray.data.corpus import SkipReport, default_corpus_path, split_of
 from ratray.data.records import Document
 
@@ -119,6 +120,8 @@ def test_validation_contamination_listed_by_id(kept, corpus):
     assert match == names["heapq.py"] and 0.8 <= jaccard < 1.0
     assert vc["checked"] == kept.meta["documents_read"]["val"]
     assert set(kept.doc_ids(kept.split_ids("val"))) >= {names["val_near"]}
+    assert contaminated_val_ids(kept.meta) == {names["val_near"]}  # the decontaminated subset's cut
+    assert contaminated_val_ids({}) == set()
 
 
 def test_pii_scrubbed_before_tokenization_and_counted(kept, corpus):

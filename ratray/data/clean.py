@@ -218,6 +218,13 @@ def _lsh(threshold: float, num_perm: int) -> MinHashLSH:
             t = max(0.05, t - 0.05)
 
 
+def contaminated_val_ids(meta: dict) -> set[str]:
+    """A chunk store's validation documents that near-duplicate its database (from its meta.json):
+    leave them out to report evaluation on the decontaminated subset. Empty for a store built
+    without cleaning."""
+    return set(meta.get("clean", {}).get("val_contamination", {}).get("documents", {}))
+
+
 def clean_summary(report: dict | None) -> dict | None:
     """The build summary's "clean": the counts of meta.json's report and the contaminated
     validation ids (the pairs and clusters stay in meta.json). None for a store without one."""
