@@ -21,6 +21,9 @@ Nothing is dropped silently: every removal is a skip with its location, and `rep
 decontaminated subset. Derived versions (corpus.versions) are never exact-deduplicated: with
 version_edits false they are exact copies made on purpose (the aligned-duplicate control).
 
+Only document text is scrubbed: document ids are kept as they are (they must stay unique and
+name the file/row), titles are not stored.
+
 `pii` = auto is on for a corpus given by corpus.path (a user corpus: anything may be in it) and off
 for the default stdlib corpus (public source files whose author addresses are published with them,
 and whose IP-like literals in code and docs are content a model of Python should see).
