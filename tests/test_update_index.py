@@ -35,6 +35,11 @@ NEW_DOCS = {
 }
 
 
+CONTACT = ("Write to alice.martin@example.org for the field notes on the migration of the plains "
+           "zebra herds across the Serengeti, collected over three dry seasons by the survey team.")
+EXTRA = {"notes/contact": CONTACT, "zoo/zebra-copy": NEW_DOCS["zoo/zebra"]}  # PII; an exact copy
+
+
 def write_docs(folder, docs: dict[str, str]):
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "docs.jsonl"
@@ -57,7 +62,7 @@ def live(small_workdir, tmp_path_factory):
     before = {"n": len(early), "db": early.database_ids(), "victim_chunks": early.document_chunks(victim),
               "tokens0": early.tokens(np.arange(5)), "version": client.version()}
     cfg = UpdateJobConfig(workdir=str(wd), service=svc)
-    result = update_index(wd, add=write_docs(tmp_path_factory.mktemp("add"), NEW_DOCS),
+    result = update_index(wd, add=write_docs(tmp_path_factory.mktemp("add"), {**NEW_DOCS, **EXTRA}),
                           remove=[victim], cfg=cfg)  # no service_name: found by its index folder
     yield {"wd": wd, "client": client, "svc": svc, "cfg": cfg, "early": early, "victim": victim,
            "before": before, "result": result, "store_path": store_path}
@@ -69,7 +74,7 @@ def test_appended_chunks_continue_the_ids_and_read_back_like_built_ones(live):
     r = live["result"]["store"]
     new = np.arange(*r["added_ids"])
     assert new[0] == b["n"] and len(store) == b["n"] + len(new) == b["n"] + r["chunks_added"]
-    assert set(store.doc_ids(new)) == set(NEW_DOCS)
+    assert set(store.doc_ids(new)) == {*NEW_DOCS, "notes/contact"}
     for doc, text in NEW_DOCS.items():
         ids = store.document_chunks(doc)
         assert np.all(store.continuation(ids[:-1]) == ids[1:]) and store.continuation(ids[-1:])[0] == -1
@@ -96,7 +101,16 @@ def test_removed_document_leaves_the_database_but_its_ids_stay_readable(live):
     with pytest.raises(KeyError, match="has no chunks"):
         store.document_chunks(live["victim"])
     h = store.history[-1]
-    assert (h["documents_added"], h["documents_removed"], h["chunks_removed"]) == (2, 1, len(gone))
+    assert (h["documents_added"], h["documents_removed"], h["chunks_removed"]) == (3, 1, len(gone))
+
+
+def test_added_documents_are_cleaned_like_the_build_and_skips_are_counted(live):
+    store, r = ChunkStore.open(live["store_path"]), live["result"]["store"]
+    text = "".join(store.texts(store.document_chunks("notes/contact")))
+    assert "alice.martin@example.org" not in text and "<EMAIL>" in text
+    assert r["cleaned"]["pii"] == {"EMAIL": 1}
+    assert r["skipped"]["counts"] == {"duplicate": 1} and r["documents_read"] == 3  # kept
+    assert r["cleaned"]["duplicates"] == [["zoo/zebra-copy", "zoo/zebra"]]
 
 
 def test_running_shards_serve_the_new_version_exactly(live):

@@ -1,8 +1,10 @@
 """Live updates of a chunk store: append documents, remove documents (tombstones).
 
     add (file | folder) ─ corpus readers (the store's own corpus settings: same validation, same
-        errors naming file/row/field, same counted skips) ─ the store's tokenizer (never retrained)
-        ─ chunk_documents (the build's own chunking) ─ appends/NNNNNN.parquet (ids continue)
+        errors naming file/row/field, same counted skips) ─ the build's cleaning (data/clean.py:
+        PII scrubbed per corpus.pii, exact duplicates within the add removed and counted) ─ the
+        store's tokenizer (never retrained) ─ chunk_documents (the build's own chunking)
+        ─ appends/NNNNNN.parquet (ids continue)
     remove (doc ids) ─ tombstones: their chunk id ranges, per update
     ─ appends/log.json rewritten last (atomic): parts, tombstones, history
 
@@ -30,6 +32,7 @@ import pyarrow.parquet as pq
 
 from ratray.config import CorpusConfig
 from ratray.data.chunks import DOC_BATCH, chunk_documents
+from ratray.data.clean import Cleaner
 from ratray.data.corpus import SkipReport, iter_documents
 from ratray.data.store import APPENDS, LOG, ChunkStore, ChunkStoreError
 from ratray.data.tokenizer import WordPieceTokenizer
@@ -49,6 +52,7 @@ class StoreUpdate:
     chunks_removed: int = 0  # tombstoned: removed and replaced documents' old chunks
     added_ids: list = field(default_factory=list)  # [first, stop) of the appended chunk ids
     skipped: dict = field(default_factory=dict)  # SkipReport.as_dict() of the added documents
+    cleaned: dict = field(default_factory=dict)  # PII placeholders by type, exact duplicate pairs
     part: str | None = None
     time: str = ""
 
@@ -57,8 +61,9 @@ class StoreUpdate:
 
 
 def update_corpus_config(store: ChunkStore, path: str | Path) -> CorpusConfig:
-    """The store's own corpus settings (fields, formats, size limits) read from `path`, with no
-    caps, no versions and nothing held out: every valid document there is added."""
+    """The store's own corpus settings (fields, formats, size limits, cleaning) read from `path`,
+    with no caps, no versions and nothing held out: every valid document there is added. PII:
+    corpus.pii as the store's config says it (auto: on, since added documents come from a path)."""
     saved = dict(store.meta["settings"]["corpus"])
     known = {f.name for f in dataclasses.fields(CorpusConfig)}
     saved = {k: v for k, v in saved.items() if k in known}
@@ -87,8 +92,8 @@ def update_store(store: ChunkStore, add: str | Path | None = None, remove: list[
             for r in remove]
     part, table = None, None
     if add is not None:
-        table, docs, skips = _chunk_new(store, add)
-        up.documents_read, up.skipped = docs, skips.as_dict()
+        table, docs, skips, cleaned = _chunk_new(store, add)
+        up.documents_read, up.skipped, up.cleaned = docs, skips.as_dict(), cleaned
         added = [] if table is None else list(dict.fromkeys(
             table.column("doc_id").to_pylist()))
         both = sorted(set(added) & set(remove))
@@ -116,13 +121,14 @@ def update_store(store: ChunkStore, add: str | Path | None = None, remove: list[
 
 
 def _chunk_new(store: ChunkStore, add: str | Path):
-    """The documents at `add`, validated and chunked like the build's → (SCHEMA table with ids
-    from len(store), or None if no chunk; documents read; skip report)."""
+    """The documents at `add`, validated, cleaned and chunked like the build's → (SCHEMA table
+    with ids from len(store), or None if no chunk; documents read; skip report; cleaning counts)."""
     cfg = update_corpus_config(store, add)
     skips = SkipReport()
     tok = store.tokenizer
     tables, n_docs, first = [], 0, len(store)
-    docs_it = iter_documents(cfg, skips)
+    cleaner = Cleaner(cfg)  # the build's cleaning: PII scrubbed, exact duplicates (within the add) removed
+    docs_it = cleaner.read(iter_documents(cfg, skips), skips)
     while docs := list(itertools.islice(docs_it, DOC_BATCH)):
         n_docs += len(docs)
         texts = [d.text for d in docs]
@@ -136,9 +142,8 @@ def _chunk_new(store: ChunkStore, add: str | Path):
         if t is not None:
             tables.append(t)
             first += t.num_rows
-    if not tables:
-        return None, n_docs, skips
-    return pa.concat_tables(tables), n_docs, skips
+    cleaned = {"pii": dict(cleaner.pii_counts), "duplicates": cleaner.exact_pairs}
+    return (pa.concat_tables(tables) if tables else None), n_docs, skips, cleaned
 
 
 def _commit(store: ChunkStore, table, part: str | None, tomb: list[dict], entry: dict) -> None:
