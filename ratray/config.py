@@ -47,8 +47,25 @@ class CorpusConfig:
     versions: int = 0
     version_edits: bool = True  # false: the versions are exact copies (the aligned-duplicate control)
     seed: int = 0  # salt of the deterministic train/val/db split and of the versions' edits
+    # cleaning, before tokenization (ratray/data/clean.py, ratray/data/pii.py; counts in meta.json
+    # and the build summary). dedup: documents whose text (after PII scrubbing) equals an earlier
+    # document's are removed (the versions of corpus.versions excepted: they are made on purpose)
+    dedup: bool = True
+    # near-duplicates (MinHash/LSH over word n-grams, estimated Jaccard >= near_dup_threshold) are
+    # always reported (clusters in the database, validation documents against train + db);
+    # keep: kept everywhere (RETRO's database profits from them) | drop: removed from the train
+    # split, the first train document of each cluster kept (db and val untouched)
+    near_dup: str = "keep"
+    near_dup_threshold: float = 0.8  # Jaccard of word n-gram sets (RETRO decontaminates at 0.8)
+    near_dup_ngram: int = 5  # words per shingle
+    near_dup_num_perm: int = 128  # MinHash permutations (more: a finer Jaccard estimate, slower)
+    # PII (e-mail, phone, IP, credit card, IBAN, secrets, private keys) → typed placeholders:
+    # on | off | auto (on for a corpus given by corpus.path, off for the default stdlib corpus)
+    pii: str = "auto"
 
     def __post_init__(self) -> None:
+        if isinstance(self.pii, (bool, str)):  # YAML reads a bare on/off as a boolean ("True")
+            self.pii = {"true": "on", "false": "off"}.get(str(self.pii).lower(), str(self.pii).lower())
         check(self.format in ("auto", "text", "jsonl", "parquet"), "corpus.format",
                f"must be auto|text|jsonl|parquet, got {self.format!r}")
         check(0.0 <= self.val_fraction < 1.0, "corpus.val_fraction", "must be in [0, 1)")
@@ -59,6 +76,18 @@ class CorpusConfig:
         check(self.max_docs is None or self.max_docs > 0, "corpus.max_docs", "must be > 0")
         check(self.max_bytes is None or self.max_bytes > 0, "corpus.max_bytes", "must be > 0")
         check(self.max_doc_bytes > 0, "corpus.max_doc_bytes", "must be > 0")
+        check(isinstance(self.dedup, bool), "corpus.dedup", f"must be true|false, got {self.dedup!r}")
+        check(self.near_dup in ("keep", "drop"), "corpus.near_dup",
+              f"must be keep|drop, got {self.near_dup!r}")
+        check(isinstance(self.near_dup_threshold, (int, float)) and not isinstance(
+            self.near_dup_threshold, bool) and 0.0 < self.near_dup_threshold <= 1.0,
+              "corpus.near_dup_threshold", f"must be in (0, 1], got {self.near_dup_threshold!r}")
+        check(isinstance(self.near_dup_ngram, int) and 1 <= self.near_dup_ngram <= 50,
+              "corpus.near_dup_ngram", f"must be an integer in 1..50, got {self.near_dup_ngram!r}")
+        check(isinstance(self.near_dup_num_perm, int) and 16 <= self.near_dup_num_perm <= 1024,
+              "corpus.near_dup_num_perm",
+              f"must be an integer in 16..1024, got {self.near_dup_num_perm!r}")
+        check(self.pii in ("on", "off", "auto"), "corpus.pii", f"must be on|off|auto, got {self.pii!r}")
 
 
 @dataclass
@@ -113,9 +142,22 @@ class IndexConfig:
     # off (computed per probe) | auto (whichever searched faster, timed at build)
     pq_tables: str = "auto"
     seed: int = 0
+    # hybrid retrieval (index/keyword.py): off (dense only) | rrf (reciprocal-rank fusion of the
+    # dense and BM25 lists) | weighted (sum of min-max scaled scores). BM25 shards are built always
+    hybrid: str = "off"
+    rrf_k: int = 60  # RRF's k0: a chunk at rank r of a list adds weight / (rrf_k + r)
+    hybrid_weight: float = 0.5  # the dense list's share of the fused score (BM25: 1 - it)
+    hybrid_depth: int = 100  # candidates taken from each list before fusion (>= the k asked)
 
     def __post_init__(self) -> None:
         check(self.shards > 0, "index.shards", "must be > 0")
+        if self.hybrid in (False, "False"):  # YAML reads a bare `off` as false
+            self.hybrid = "off"
+        check(self.hybrid in ("off", "rrf", "weighted"), "index.hybrid",
+              f"must be off|rrf|weighted, got {self.hybrid!r}")
+        check(self.rrf_k > 0, "index.rrf_k", "must be > 0")
+        check(0.0 <= self.hybrid_weight <= 1.0, "index.hybrid_weight", "must be in [0, 1]")
+        check(self.hybrid_depth > 0, "index.hybrid_depth", "must be > 0")
         check(self.pq_tables in ("auto", "on", "off"), "index.pq_tables", "must be auto|on|off")
         check(self.metric in ("l2", "ip"), "index.metric", "must be l2|ip")
         check(self.nprobe >= 0, "index.nprobe", "must be >= 0")
@@ -188,6 +230,18 @@ class BuildConfig:
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     service: ServiceConfig = field(default_factory=ServiceConfig)
+
+
+@dataclass
+class UpdateConfig:
+    """Live updates (ratray/index/update.py): a retrain is advised when the new vectors' mean squared
+    distance to their IVF centroid (or PQ reconstruction error) passes drift_threshold x the database's."""
+    drift_threshold: float = 1.5
+    drift_sample: int = 1000  # database vectors (from the embedding cache) measured as the baseline
+
+    def __post_init__(self) -> None:
+        check(self.drift_threshold > 1.0, "update.drift_threshold", "must be > 1 (a ratio)")
+        check(self.drift_sample > 0, "update.drift_sample", "must be > 0")
 
 
 # ---------------------------------------------------------------------------------------------
