@@ -194,3 +194,49 @@ def test_median_step_time_leaves_out_the_start_up_interval(trained):
     hist = sorted(c.get_metric_history(second["mlflow"]["run_id"], "step_time_s"), key=lambda m: m.step)
     assert len(hist) > 2  # logged every 2 steps of 9
     assert median_step_s(second) == pytest.approx(statistics.median(m.value for m in hist[1:]))
+
+
+@pytest.mark.slow
+def test_evaluation_searches_a_chosen_index_version_and_scores_named_documents(trained, tmp_path,
+                                                                                  capsys):
+    """--index-version: neighbours searched now through fresh shard actors on that version equal
+    the run's own table (the same exact index), so RETRO[ON] is the same figure; --eval-corpus:
+    documents the user names, read by the corpus readers and cut by the run's tokenizer, scored
+    ON and OFF with their own report; bad values are refused by name."""
+    import inspect
+
+    from jobs.evaluate import main as evaluate_main
+    from ratray.index.store import load_manifest, serving_dir
+
+    wd, _, _, second = trained
+    v = int(load_manifest(serving_dir(wd / "index")).version)
+    args = ["--workdir", str(wd), "--run-name", "t-resume", "--resamples", "200", "--sequences", "8",
+            "--fractions", "", "--quiet"]
+    assert evaluate_main(args + ["--index-version", str(v)]) == 0
+    report = json.loads((wd / "runs" / "t-resume" / "eval" / f"index-v{v}" / "report.json").read_text())
+    assert report["source"]["index"]["version"] == v
+    assert report["rows"][0]["bpb"] == pytest.approx(second["val_bpb_retro_on"], rel=1e-4)
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    import ratray.index.service as service_module
+    import ratray.retro.model as model_module
+    (docs / "service.py").write_text(inspect.getsource(service_module))  # also in the database
+    (docs / "model.txt").write_text(inspect.getsource(model_module))
+    (docs / "tiny.txt").write_text("too short to make one chunk")
+    every = [a for a in args if a not in ("--sequences", "8")]  # all of the named documents
+    assert evaluate_main(every + ["--eval-corpus", str(docs)]) == 0
+    (out,) = (wd / "runs" / "t-resume" / "eval").glob(f"index-v{v}-corpus-*")
+    report = json.loads((out / "report.json").read_text())
+    src = report["source"]
+    assert src["documents"] == 2 and src["skipped"]["counts"] == {"shorter_than_chunk": 1}
+    assert report["eval"]["documents"] == 2 and report["eval"]["chunks"] > 8
+    on, off = report["rows"][:2]
+    assert (on["retrieval"], off["retrieval"]) == ("on", "off") and on["bpb"] != off["bpb"]
+
+    for bad, says in ((["--index-version", "99"], "--index-version 99"),
+                      (["--index-version", "0"], "versions start at 1"),
+                      (["--eval-corpus", str(tmp_path / "nowhere")], "no such file"),
+                      (["--eval-corpus", str(docs / "tiny.txt")], "no document has a whole chunk")):
+        assert evaluate_main(args + bad) == 2
+        assert says in capsys.readouterr().err

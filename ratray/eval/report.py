@@ -67,10 +67,15 @@ def _fmt(x) -> str:
 def format_evaluation(r: dict, markdown: bool = True) -> str:
     """An evaluation report (ratray/retro/evaluate.py) as Markdown tables a person reads; every
     figure with its 95% interval, every difference with its verdict."""
-    e, b = r["eval"], r["bootstrap"]
+    e, b, src = r["eval"], r["bootstrap"], r.get("source") or {}
     ci = lambda c: f"[{c[0]:.4f}, {c[1]:.4f}]"  # noqa: E731
-    lines = [f"# Evaluation of run {r['run']}", "",
-             f"{e['sequences']} validation sequences: {e['chunks']} chunks of {e['documents']} "
+    what = f"documents of {src['eval_corpus']}" if src.get("eval_corpus") else "validation"
+    ix = src.get("index") or {}
+    where = (f"Neighbours searched now: index version {ix['version']}"
+             + (f" (running service {ix['service']})" if ix.get("service") else "") + ". "
+             if ix else "")
+    lines = [f"# Evaluation of run {r['run']}", "", where +
+             f"{e['sequences']} {what} sequences: {e['chunks']} chunks of {e['documents']} "
              f"documents (a version counted with its original), {e['bytes']:,} bytes. "
              f"95% intervals: bootstrap over {b['unit']} "
              f"({b['resamples']} resamples), paired for differences.", "",
@@ -94,8 +99,11 @@ def format_evaluation(r: dict, markdown: bool = True) -> str:
                   "|---|---|---|---|"]
         lines += [f"| {p['documents']} ({p['documents_share']:.0%}) | {p['chunks']:,} | {p['bpb']:.4f} | "
                   f"{ci(p['ci95'])} |" for p in r["database_size"]]
-    lines += ["", f"Command: `python jobs/evaluate.py --workdir WORKDIR --run-name {r['run']}"
-              + "".join(f" --compare {x}" for x in r["compared"]) + "`"]
+    flags = "".join(f" --compare {x}" for x in r["compared"])
+    flags += f" --index-version {ix['version']}" if ix and not ix.get("service") else ""
+    flags += f" --index-name {ix['service']}" if ix.get("service") else ""
+    flags += f" --eval-corpus {src['eval_corpus']}" if src.get("eval_corpus") else ""
+    lines += ["", f"Command: `python jobs/evaluate.py --workdir WORKDIR --run-name {r['run']}{flags}`"]
     text = "\n".join(lines) + "\n"
     return text if markdown else text.replace("`", "")
 

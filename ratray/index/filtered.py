@@ -22,7 +22,7 @@ class DocCodes:
 
     def __init__(self, store: ChunkStore):
         doc = store.doc_ids(np.arange(len(store)))
-        _, codes = np.unique(doc.astype(str), return_inverse=True)
+        self.names, codes = np.unique(doc.astype(str), return_inverse=True)  # (D,) sorted doc ids
         self.of_chunk = codes.astype(np.int64)  # (N,)
         self.chunks = np.bincount(self.of_chunk)  # (D,) chunks per document
 
@@ -35,6 +35,14 @@ class DocCodes:
         first = np.ones(e.shape, bool)
         first[:, 1:] = e[:, 1:] != e[:, :-1]
         return np.where(first & (e >= 0), self.chunks[np.maximum(e, 0)], 0).sum(1)
+
+    def of_documents(self, doc_ids: np.ndarray) -> np.ndarray:
+        """Document ids (any shape) → their codes, -1 for a document this store does not hold."""
+        doc_ids = np.asarray(doc_ids).astype(str)
+        if len(self.names) == 0:
+            return np.full(doc_ids.shape, -1, np.int64)
+        at = np.minimum(np.searchsorted(self.names, doc_ids), len(self.names) - 1)
+        return np.where(self.names[at] == doc_ids, at, -1).astype(np.int64)
 
     def of(self, ids: np.ndarray) -> np.ndarray:
         """Chunk ids (any shape, -1 allowed) → doc codes, -1 for empty slots."""

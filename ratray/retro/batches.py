@@ -14,8 +14,11 @@ from ratray.data.store import ChunkStore
 class RetroBatches:
     """Turns sequence indices of one split into model inputs (numpy; the loop makes tensors)."""
 
-    def __init__(self, store: ChunkStore, layout: np.ndarray, k: int):
+    def __init__(self, store: ChunkStore, layout: np.ndarray, k: int, source: ChunkStore | None = None):
+        """`layout` (s, l): chunk ids of `source` (default: `store`, the retrieval database whose
+        chunks the neighbour ids name; another store when scoring documents outside it)."""
         self.store, self.layout, self.k = store, layout, k
+        self.source = store if source is None else source
         self.chunk_tokens = store.chunk_tokens
         self.pad = store.tokenizer.pad_id
         self.byte_len = store.tokenizer.byte_lengths.astype(np.int64)  # (V,) bytes per token id
@@ -29,7 +32,7 @@ class RetroBatches:
         out = np.full((len(ids), self.chunk_tokens), self.pad, np.int64)
         ok = ids >= 0
         if ok.any():
-            out[ok] = self.store.tokens(ids[ok], pad_to=self.chunk_tokens)
+            out[ok] = self.source.tokens(ids[ok], pad_to=self.chunk_tokens)
         return out.reshape(len(seq_idx), -1)
 
     def inputs_targets(self, seq_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

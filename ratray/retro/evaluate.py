@@ -15,7 +15,11 @@ sequence length); anything else is refused, naming what differs.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
+import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +99,104 @@ def score(run: Loaded, batches, nbr_ids: np.ndarray | None, rows: np.ndarray, la
     return Scored(label, retrieval, run.non_embedding_params, nats, nbytes)
 
 
+# ---------------------------------------------------------------------------------------------
+# retrieval against a chosen index: a version on disk, or running shard actors
+
+
+def open_index(wd: Workdir, run: Loaded, index_version: int | None, index_name: str | None):
+    """(client, owned, source): the shard actors to search. `index_name`: running actors (their
+    serving version; `index_version`, if given, must be it); else fresh actors on
+    `index_version`'s folder or on the serving version of the workdir's index (owned: shut down
+    after)."""
+    import ray
+
+    from ratray.config import ServiceConfig, to_dict
+    from ratray.index.service import ShardedIndex
+    from ratray.index.store import is_versioned, load_manifest, serving_dir, version_dir, versions_on_disk
+
+    svc = run.job.service
+    if not ray.is_initialized():
+        ray.init(namespace=svc.namespace, log_to_driver=False)
+    if index_name:
+        client = ShardedIndex.connect(index_name, svc.namespace, search_timeout=svc.timeout_s)
+        serving = client.version()
+        if index_version is not None and serving != index_version:
+            raise ConfigError(f"--index-version {index_version}: the running index '{index_name}' "
+                              f"serves version {serving}")
+        return client, False, {"service": index_name, "version": serving}
+    path = serving_dir(wd.index)
+    if index_version is not None:
+        on_disk = versions_on_disk(wd.index) if is_versioned(wd.index) \
+            else [int(load_manifest(wd.index).version)]
+        if index_version not in on_disk:
+            raise ConfigError(f"--index-version {index_version}: {wd.index} holds version(s) "
+                              f"{', '.join(map(str, on_disk))}")
+        path = version_dir(wd.index, index_version) if is_versioned(wd.index) else wd.index
+    name = f"{run.name}-eval-{os.getpid()}"
+    client = ShardedIndex.launch(str(path), ServiceConfig(**{**to_dict(svc), "name": name}))
+    return client, True, {"index_dir": str(path), "version": int(load_manifest(path).version)}
+
+
+def eval_corpus_store(wd: Workdir, run: Loaded, store, path: str):
+    """The documents at `path` (a file or folder), read and validated by the run's corpus readers
+    (same formats, errors and counted skips) and cut by the run's tokenizer into `chunk_tokens`
+    chunks, as a chunk store of their own whose chunks are all "val": <run>/eval/corpora/<hash>/
+    (reused while the files and the run's store are unchanged). Returns (store, skip report)."""
+    import pyarrow.parquet as pq
+
+    from ratray.data.chunks import chunk_documents
+    from ratray.data.corpus import CorpusError, SkipReport, corpus_fingerprint, iter_documents
+    from ratray.data.store import STORE_VERSION, ChunkStore
+
+    if not Path(path).exists():
+        raise ConfigError(f"--eval-corpus {path}: no such file or folder")
+    cfg = dataclasses.replace(run.job.corpus, path=str(Path(path).resolve()), versions=0,
+                              max_docs=None, max_bytes=None)
+    key = hashlib.sha256(f"{corpus_fingerprint(cfg)}|{store.key}".encode()).hexdigest()[:16]
+    out = wd.run_eval(run.name) / "corpora" / key
+    if (out / "meta.json").is_file():
+        return ChunkStore.open(out), json.loads((out / "meta.json").read_text())["skips"]
+    skips, docs = SkipReport(), []
+    try:
+        docs = list(iter_documents(cfg, skips))
+    except CorpusError as e:
+        raise ConfigError(f"--eval-corpus {path}: {e}") from None
+    table = chunk_documents(docs, store.tokenizer.encode_batch([d.text for d in docs]),
+                            ["val"] * len(docs), store.chunk_tokens, store.tokenizer, 0, skips)
+    if table is None:
+        raise ConfigError(f"--eval-corpus {path}: no document has a whole chunk "
+                          f"({store.chunk_tokens} tokens); skipped: {skips.counts}")
+    tmp = out.with_name(f".{key}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    pq.write_table(table, tmp / "chunks.parquet")
+    shutil.copyfile(store.path / "tokenizer.json", tmp / "tokenizer.json")
+    n = table.num_rows
+    meta = {"version": STORE_VERSION, "key": f"eval-{key}", "source": str(path),
+            "settings": {"chunks": {"chunk_tokens": store.chunk_tokens}},
+            "tokenizer": {"kind": store.tokenizer_kind, "from_store": store.key},
+            "counts": {"chunks": {"total": n, "train": 0, "val": n, "db": 0},
+                       "documents": len(set(table.column("doc_id").to_pylist())),
+                       "documents_read": len(docs)},
+            "skips": skips.as_dict()}
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return ChunkStore.open(out), meta["skips"]
+
+
+def search_rows(index, queries: np.ndarray, exclude: np.ndarray, docs, k: int,
+                batch: int = 512) -> np.ndarray:
+    """(q, d) query vectors, (q, E) excluded doc codes → (q, k) admissible neighbour ids."""
+    from ratray.index.filtered import search_filtered
+
+    ids = np.full((len(queries), k), -1, np.int64)
+    for s in range(0, len(queries), batch):
+        ids[s: s + batch], _ = search_filtered(index, queries[s: s + batch], exclude[s: s + batch],
+                                               docs, k)
+    return ids
+
+
 def database_subset(store, fraction: float, seed: int) -> tuple[np.ndarray, int, int]:
     """Chunk ids of a seeded `fraction` of the database's documents (whole documents), the number
     of documents kept and of all database documents."""
@@ -112,30 +214,71 @@ def database_subset(store, fraction: float, seed: int) -> tuple[np.ndarray, int,
 
 def evaluate(workdir: str, run_name: str, compare: tuple[str, ...] = (),
              fractions: tuple[float, ...] = FRACTIONS, sequences: int = 0, seed: int = 0,
-             n_boot: int = N_BOOT, progress: bool = True, log_mlflow: bool = True) -> dict:
+             n_boot: int = N_BOOT, progress: bool = True, log_mlflow: bool = True,
+             index_version: int | None = None, index_name: str | None = None,
+             eval_corpus: str | None = None) -> dict:
     """Score `run_name` (RETRO[ON], RETRO[OFF]; a baseline run: its one row) and the `compare` runs
-    (a baseline: its row; a RETRO run: RETRO[ON] with its own neighbours) on the run's validation
-    sequences (`sequences` 0 = all); write and return the report."""
+    (a baseline: its row; a RETRO run: RETRO[ON]) on the run's validation sequences (`sequences`
+    0 = all), or on the documents at `eval_corpus`; write and return the report.
+
+    Neighbours: each RETRO run's own table (the index as it trained), unless `index_version`
+    (a version of the workdir's index, on fresh shard actors), `index_name` (running shard actors,
+    at their serving version) or `eval_corpus` is given: then every RETRO row reads neighbours
+    searched now, through the actors, with the same leakage filter (no chunk of a document of
+    the sequence; an evaluated document that is also in the database is excluded by its id)."""
+    from ratray.index.filtered import DocCodes
     from ratray.index.search import ExactIndex
     from ratray.retro.batches import RetroBatches
     from ratray.retro.driver import resolve
-    from ratray.retro.neighbours import ChunkVectors, ensure_chunk_vectors, search_layout, sequence_layout
+    from ratray.retro.neighbours import (ChunkVectors, ensure_chunk_vectors, excluded_docs,
+                                         search_layout, sequence_layout)
 
     t0 = time.perf_counter()
     wd = Workdir(workdir)
     run = load_run(wd, run_name)
     prep = resolve(run.job)  # the index and chunk store the run trained with
     store, l = prep.store, run.cfg.seq_len // run.cfg.chunk_tokens
-    layout = sequence_layout(store, "val", l)
-    rows = np.arange(len(layout) if sequences == 0 else min(sequences, len(layout)))
-    batches = RetroBatches(store, layout, run.cfg.k)
     retro = run.cfg.model == "retro"
+    searched = index_version is not None or bool(index_name) or eval_corpus is not None
+    if (index_version is not None or index_name) and not retro:
+        raise ConfigError(f"run '{run_name}' is a baseline: it reads no index (--index-version / "
+                          "--index-name apply to RETRO runs)")
+    source, source_info = store, {"split": "val"}  # whose chunks are scored
+    if eval_corpus is not None:
+        source, skipped = eval_corpus_store(wd, run, store, eval_corpus)
+        source_info = {"eval_corpus": str(eval_corpus), "chunk_store": str(source.path),
+                       "documents": int(source.meta["counts"]["documents"]), "skipped": skipped}
+    layout = sequence_layout(source, "val", l)
+    rows = np.arange(len(layout) if sequences == 0 else min(sequences, len(layout)))
+    batches = RetroBatches(store, layout, run.cfg.k, source=source)
+
+    on_ids = None  # (s l k) the neighbours every searched RETRO row reads
+    if retro and searched:
+        index, owned, source_info["index"] = open_index(wd, run, index_version, index_name)
+        try:
+            if source is store:
+                vectors = ChunkVectors(ensure_chunk_vectors(store, run.job.embed, wd.embeddings,
+                                                            wd.vectors, progress))
+                on_ids, _ = search_layout(store, index, layout, run.cfg.k, vectors, progress=progress)
+            else:  # the evaluated documents' own vectors; exclusion by document id
+                vectors = ChunkVectors(ensure_chunk_vectors(source, run.job.embed, wd.embeddings,
+                                                            source.path, progress))
+                docs = DocCodes(store)
+                seq_docs = docs.of_documents(np.where(layout >= 0, source.doc_ids(np.maximum(layout, 0)), ""))
+                source_info["documents_in_database"] = int(len(np.unique(seq_docs[seq_docs >= 0])))
+                flat, excl = layout.reshape(-1), np.repeat(seq_docs, l, axis=0)
+                live = np.flatnonzero(flat >= 0)
+                on_ids = np.full((len(flat), run.cfg.k), -1, np.int64)
+                on_ids[live] = search_rows(index, vectors[flat[live]], excl[live], docs, run.cfg.k)
+                on_ids = on_ids.reshape(*layout.shape, run.cfg.k)
+        finally:
+            if owned:
+                index.shutdown()
 
     # rows: the run itself, then every compared run (same bytes or refused)
     scored: list[Scored] = []
-    on_ids = None
     if retro:
-        on_ids = val_neighbours(run)
+        on_ids = val_neighbours(run) if on_ids is None else on_ids
         scored.append(score(run, batches, on_ids, rows, f"{run_name} RETRO[ON]", "on"))
         scored.append(score(run, batches, None, rows, f"{run_name} RETRO[OFF]", "off"))
     else:
@@ -147,15 +290,19 @@ def evaluate(workdir: str, run_name: str, compare: tuple[str, ...] = (),
                               f"than '{run_name}': not the same validation bytes")
         if other.cfg.model == "baseline":
             scored.append(score(other, batches, None, rows, name, "none"))
+        elif searched and on_ids is None:
+            raise ConfigError(f"run '{name}' is RETRO: compare it with a RETRO --run-name when "
+                              "neighbours are searched")
         else:
-            scored.append(score(other, batches, val_neighbours(other), rows, f"{name} RETRO[ON]", "on"))
+            nbr = on_ids if searched else val_neighbours(other)
+            scored.append(score(other, batches, nbr, rows, f"{name} RETRO[ON]", "on"))
 
     # chunks, documents, overlap r(C) with the neighbours read when predicting each chunk
     chunk_ids = layout[rows]  # (s l)
     live = chunk_ids >= 0
     # the bootstrap's unit: a document with its derived versions (corpus.versions), which are
     # not independent of it; dense 0..D-1 over the evaluated units
-    codes, doc_of = np.unique([original_id(d) for d in store.doc_ids(chunk_ids[live]).astype(str)],
+    codes, doc_of = np.unique([original_id(d) for d in source.doc_ids(chunk_ids[live]).astype(str)],
                               return_inverse=True)
     r = np.zeros(chunk_ids.shape)
     if on_ids is not None:
@@ -163,7 +310,7 @@ def evaluate(workdir: str, run_name: str, compare: tuple[str, ...] = (),
         prev = np.full(on_ids[rows].shape, -1, np.int64)
         prev[:, 1:] = on_ids[rows][:, :-1]  # chunk u is predicted through Ret(chunk u-1)
         nb = store.with_continuation(prev)  # (s l k 2m)
-        n_tok = np.where(live, store.n_tokens(np.maximum(chunk_ids, 0)), 0).reshape(-1)
+        n_tok = np.where(live, source.n_tokens(np.maximum(chunk_ids, 0)), 0).reshape(-1)
         pad = store.tokenizer.pad_id
         r = overlap_ratios(toks, n_tok, pad, nb.reshape(-1, *nb.shape[2:]), pad).reshape(chunk_ids.shape)
     D = len(codes)
@@ -191,7 +338,7 @@ def evaluate(workdir: str, run_name: str, compare: tuple[str, ...] = (),
 
     # the database-size curve: the same checkpoint, the database cut to a share of the documents
     size_curve = []
-    if retro and fractions:
+    if retro and fractions and not searched:  # the curve cuts the index the run trained with
         vectors = ChunkVectors(ensure_chunk_vectors(store, run.job.embed, wd.embeddings, wd.vectors,
                                                     progress))
         for f in sorted(fractions):
@@ -206,6 +353,7 @@ def evaluate(workdir: str, run_name: str, compare: tuple[str, ...] = (),
 
     report = {
         "run": run_name, "compared": list(compare), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "source": source_info,
         "rows": report_rows, "differences": differences, "database_size": size_curve,
         "eval": {"sequences": int(len(rows)), "chunks": int(live.sum()), "documents": int(D),
                  "bytes": int(doc_bytes.sum()), "share_r_ge_0.5": float((r[live] >= 0.5).mean())
@@ -214,9 +362,11 @@ def evaluate(workdir: str, run_name: str, compare: tuple[str, ...] = (),
                       "seed": seed},
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    out = write_report(wd, run, report, scored, chunk_ids, live, r, store)
+    tag = "" if not searched else (f"index-v{source_info['index']['version']}" if retro else "")
+    tag += f"{'-' if tag else ''}corpus-{source.key[5:]}" if source is not store else ""
+    out = write_report(wd, run, report, scored, chunk_ids, live, r, source, tag)
     if log_mlflow:
-        attach_to_mlflow(run, out)
+        attach_to_mlflow(run, out, f"eval/{tag}" if tag else "eval")
     return report
 
 
@@ -225,16 +375,18 @@ def evaluate(workdir: str, run_name: str, compare: tuple[str, ...] = (),
 
 
 def write_report(wd: Workdir, run: Loaded, report: dict, scored: list[Scored], chunk_ids: np.ndarray,
-                 live: np.ndarray, r: np.ndarray, store) -> list[Path]:
-    """report.json, report.md, the plots, per_chunk.parquet and per_document.parquet."""
+                 live: np.ndarray, r: np.ndarray, store, tag: str = "") -> list[Path]:
+    """report.json, report.md, the plots, per_chunk.parquet and per_document.parquet, in the run's
+    eval/ folder (a `tag`: in eval/<tag>/, e.g. index-v3 for neighbours searched in version 3)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from ratray.eval import plots
     from ratray.eval.report import format_evaluation
 
-    out = wd.run_eval(run.name)
+    out = wd.run_eval(run.name) / tag if tag else wd.run_eval(run.name)
     out.mkdir(parents=True, exist_ok=True)
+    report["out_dir"] = str(out)
     files = [out / "report.json", out / "report.md"]
     files[0].write_text(json.dumps(report, indent=2))
     files[1].write_text(format_evaluation(report, markdown=True))
@@ -258,12 +410,12 @@ def write_report(wd: Workdir, run: Loaded, report: dict, scored: list[Scored], c
     return files + [out / "per_chunk.parquet", out / "per_document.parquet"]
 
 
-def attach_to_mlflow(run: Loaded, files: list[Path]) -> None:
-    """The report's files as artifacts of the run's MLflow record (under eval/)."""
+def attach_to_mlflow(run: Loaded, files: list[Path], where: str = "eval") -> None:
+    """The report's files as artifacts of the run's MLflow record (under `where`)."""
     from mlflow import MlflowClient
 
     ml = run.summary.get("mlflow") or {}
     if ml.get("run_id"):
         client = MlflowClient(ml["tracking_uri"])
         for f in files:
-            client.log_artifact(ml["run_id"], str(f), "eval")
+            client.log_artifact(ml["run_id"], str(f), where)
