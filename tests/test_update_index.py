@@ -186,6 +186,23 @@ def test_bad_updates_are_clear_errors_and_change_nothing(live, tmp_path, kind):
     assert len(ChunkStore.open(live["store_path"])) == n and live["client"].version() == version
 
 
+def test_an_update_that_cannot_publish_leaves_store_and_index_as_they_were(live):
+    store = ChunkStore.open(live["store_path"])
+    n, history, version = len(store), len(store.history), live["client"].version()
+    index = Workdir(live["wd"]).index
+    blocker = index / "versions" / f"v{version + 1:06d}"  # a stray folder where the next version goes
+    blocker.mkdir()
+    (blocker / "stray").write_text("not an index")
+    try:
+        with pytest.raises(OSError):
+            update_index(live["wd"], remove=["notes/contact"], cfg=live["cfg"])
+    finally:
+        shutil.rmtree(blocker)
+    store.reload()
+    assert (len(store), len(store.history), live["client"].version()) == (n, history, version)
+    assert len(store.document_chunks("notes/contact"))  # still served: the removal was undone
+
+
 def test_the_job_removes_documents_and_names_unknown_ids(live, tmp_path, capsys):
     from jobs.update_index import main
 

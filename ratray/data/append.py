@@ -160,9 +160,25 @@ def _commit(store: ChunkStore, table, part: str | None, tomb: list[dict], entry:
                              "rows": table.num_rows, "update": entry["update"]})
     log["tombstones"] += tomb
     log["history"].append(entry)
+    _write_log(folder, log)
+
+
+def _write_log(folder: Path, log: dict) -> None:
     tmp = folder / f".{LOG}.tmp-{uuid.uuid4().hex[:8]}"
     with open(tmp, "w") as f:
         f.write(json.dumps(log, indent=1))
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, folder / LOG)
+
+
+def restore_log(store: ChunkStore, log: dict) -> None:
+    """Undo updates whose index version was never published: `log` (an earlier `store.log`) is
+    written back and the parts it does not name are deleted."""
+    folder = store.path / APPENDS
+    _write_log(folder, log)
+    keep = {p["file"] for p in log["parts"]}
+    for f in folder.glob("*.parquet"):
+        if f.name not in keep:
+            f.unlink()
+    store.reload()

@@ -25,6 +25,7 @@ metric and nprobe; only a rebuild (jobs/build_index.py) retrains the quantizers.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import os
@@ -38,14 +39,15 @@ import faiss
 import numpy as np
 
 from ratray.config import EmbedConfig, ServiceConfig, UpdateConfig
-from ratray.data.append import update_store
+from ratray.data.append import restore_log, update_store
 from ratray.data.store import ChunkStore
 from ratray.index.build import ivf_lists
 from ratray.index.embed import embed_with_cache
 from ratray.index.factory import IndexBuildError, faiss_message, new_index
-from ratray.index.store import (MANIFEST, Manifest, check_embedding_model, is_versioned,
-                                load_manifest, load_shard, now_iso, serving_dir, version_dir,
-                                versions_on_disk, write_current, write_index_dir, write_manifest)
+from ratray.index.store import (MANIFEST, Manifest, check_embedding_model, current_version,
+                                is_versioned, load_manifest, load_shard, now_iso, remove_version,
+                                serving_dir, version_dir, versions_on_disk, write_current,
+                                write_index_dir, write_manifest)
 from ratray.pretrained import model_id
 from ratray.workdir import Workdir
 
@@ -193,7 +195,10 @@ def make_versioned(root: Path) -> int:
         tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
         tmp.mkdir(parents=True)
         names = [f for s in m.shards for f in (s["file"], s["ids"])]
-        names += [p.name for p in root.glob("keyword_*.npz")]
+        if m.extra.get("keyword"):
+            from ratray.index.keyword import shard_file
+
+            names += [shard_file(i) for i in range(m.num_shards)]
         for name in names:
             os.link(root / name, tmp / name)
         write_manifest(tmp, m)
@@ -267,58 +272,74 @@ def update_index(workdir: str | Path, add: str | Path | None = None, remove=(),
         m = load_manifest(src)
         check_embedding_model(root, model_id(cfg.embed.model))
         store = ChunkStore.open(wd.chunk_store(m.chunk_store))
-        before = store.database_ids()
+        before, log_before = store.database_ids(), copy.deepcopy(store.log)
         up = update_store(store, add, list(remove))
-        gone = np.unique(np.concatenate(
-            [np.arange(t["start"], t["stop"]) for t in store.log["tombstones"]
-             if t["update"] == up.update] or [np.zeros(0, np.int64)])).astype(np.int64)
-        new_ids = up.new_ids()
-        t_store = time.perf_counter()
+        try:
+            return _index_update(wd, cfg, m, src, store, up, before, service_name, progress, t0)
+        except BaseException:
+            if current_version(root) in (None, m.version):  # no new version serves: undo it all
+                restore_log(store, log_before)
+                for v in versions_on_disk(root):
+                    if v > m.version:
+                        remove_version(root, v)
+            raise
 
-        new_texts = store.texts(new_ids)
-        vectors, estats = (embed_with_cache(new_texts, cfg.embed, wd.embeddings, progress,
-                                            use_ray=len(new_ids) > IN_PROCESS_MAX)
-                           if len(new_ids) else (np.zeros((0, m.dim), np.float32), None))
-        t_embed = time.perf_counter()
 
-        shards, rows_removed = [], 0
-        for i in range(m.num_shards):
-            index, ids = load_shard(src, i, m, reconstruct=False)
-            index, ids, r = remove_rows(index, ids, gone, m)
-            shards.append((index, ids))
-            rows_removed += r
-        routed = route(shards, vectors, m.extra.get("shard_split", "rows")) if len(new_ids) \
-            else [np.zeros(0, np.int64)] * len(shards)
-        for s, rows in enumerate(routed):
-            if len(rows):
-                shards[s][0].add(vectors[rows])
-                shards[s] = (shards[s][0], np.concatenate([shards[s][1], new_ids[rows]]))
-        rng = np.random.default_rng(0)
-        sample = np.sort(rng.choice(before, min(cfg.update.drift_sample, len(before)), replace=False))
-        base, _ = embed_with_cache(store.texts(sample), cfg.embed, wd.embeddings, progress=False,
-                                   use_ray=False)  # cache hits: the database was embedded
-        drift = drift_report(shards[0][0], vectors, base, cfg.update.drift_threshold)
-        t_shards = time.perf_counter()
+def _index_update(wd: Workdir, cfg: UpdateJobConfig, m: Manifest, src: Path, store: ChunkStore,
+                  up, before: np.ndarray, service_name: str | None, progress: bool, t0: float
+                  ) -> dict:
+    """Steps 2-6 of `update_index` (the store already updated by `up`)."""
+    root = wd.index
+    gone = np.unique(np.concatenate(
+        [np.arange(t["start"], t["stop"]) for t in store.log["tombstones"]
+         if t["update"] == up.update] or [np.zeros(0, np.int64)])).astype(np.int64)
+    new_ids = up.new_ids()
+    t_store = time.perf_counter()
 
-        base_version = make_versioned(root)
-        version = max([base_version, m.version, *versions_on_disk(root)]) + 1
-        counts = {k: v for k, v in dataclasses.asdict(up).items() if k not in ("added_ids", "skipped")}
-        entry = {"version": version, "from_version": int(m.version), **counts,
-                 "index_rows_added": int(len(new_ids)), "index_rows_removed": rows_removed,
-                 "drift_max_ratio": drift.get("max_ratio"), "retrain_advised": drift["retrain"]}
-        extra = {**m.extra, "updates": [*m.extra.get("updates", []), entry], "drift": drift}
-        extra.pop("republished_from", None)
-        new_m = replace(m, version=version, ntotal=int(sum(ix.ntotal for ix, _ in shards)),
-                        created=now_iso(), shards=[], extra=extra)
-        dst = _publish(root, src, shards, new_m, entry, new_ids, new_texts, gone)
-        t_write = time.perf_counter()
+    new_texts = store.texts(new_ids)
+    vectors, estats = (embed_with_cache(new_texts, cfg.embed, wd.embeddings, progress,
+                                        use_ray=len(new_ids) > IN_PROCESS_MAX)
+                       if len(new_ids) else (np.zeros((0, m.dim), np.float32), None))
+    t_embed = time.perf_counter()
 
-        services = running_services(root, cfg.service.namespace, service_name)
-        for client in services:
-            client.swap(dst)
-        if not services:
-            write_current(root, dst)
-        t_swap = time.perf_counter()
+    shards, rows_removed = [], 0
+    for i in range(m.num_shards):
+        index, ids = load_shard(src, i, m, reconstruct=False)
+        index, ids, r = remove_rows(index, ids, gone, m)
+        shards.append((index, ids))
+        rows_removed += r
+    routed = route(shards, vectors, m.extra.get("shard_split", "rows")) if len(new_ids) \
+        else [np.zeros(0, np.int64)] * len(shards)
+    for s, rows in enumerate(routed):
+        if len(rows):
+            shards[s][0].add(vectors[rows])
+            shards[s] = (shards[s][0], np.concatenate([shards[s][1], new_ids[rows]]))
+    rng = np.random.default_rng(0)
+    sample = np.sort(rng.choice(before, min(cfg.update.drift_sample, len(before)), replace=False))
+    base, _ = embed_with_cache(store.texts(sample), cfg.embed, wd.embeddings, progress=False,
+                               use_ray=False)  # cache hits: the database was embedded
+    drift = drift_report(shards[0][0], vectors, base, cfg.update.drift_threshold)
+    t_shards = time.perf_counter()
+
+    base_version = make_versioned(root)
+    version = max([base_version, m.version, *versions_on_disk(root)]) + 1
+    counts = {k: v for k, v in dataclasses.asdict(up).items() if k not in ("added_ids", "skipped")}
+    entry = {"version": version, "from_version": int(m.version), **counts,
+             "index_rows_added": int(len(new_ids)), "index_rows_removed": rows_removed,
+             "drift_max_ratio": drift.get("max_ratio"), "retrain_advised": drift["retrain"]}
+    extra = {**m.extra, "updates": [*m.extra.get("updates", []), entry], "drift": drift}
+    extra.pop("republished_from", None)
+    new_m = replace(m, version=version, ntotal=int(sum(ix.ntotal for ix, _ in shards)),
+                    created=now_iso(), shards=[], extra=extra)
+    dst = _publish(root, src, shards, new_m, entry, new_ids, new_texts, gone)
+    t_write = time.perf_counter()
+
+    services = running_services(root, cfg.service.namespace, service_name)
+    for client in services:
+        client.swap(dst)
+    if not services:
+        write_current(root, dst)
+    t_swap = time.perf_counter()
     return {"store": dataclasses.asdict(up), "index": entry, "drift": drift,
             "embeddings": estats.as_dict() if estats else None, "version": version,
             "version_dir": str(dst), "services_swapped": [c.name for c in services],
