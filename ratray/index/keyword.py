@@ -65,13 +65,19 @@ def manifest_entry() -> dict:
     return {"format": FORMAT, "tokenizer": TOKENIZER, "k1": K1, "b": B, "files": "keyword_{i}.npz"}
 
 
+def identifier_parts(word: str) -> list[str]:
+    """The lowercase parts of an identifier: `parse_header` -> [parse, header], `HTTPServer` ->
+    [http, server], `x2` -> [x, 2]."""
+    return [p.lower() for piece in word.split("_") for p in _PARTS.findall(piece)]
+
+
 def tokenize(text: str) -> list[str]:
     """A text's tokens, in order (see the module docstring)."""
     out = []
     for word in _WORD.findall(text):
         out.append(word.lower()[:MAX_TOKEN])
         if "_" in word or (not word.islower() and not word.isupper()):
-            parts = [p.lower() for piece in word.split("_") for p in _PARTS.findall(piece)]
+            parts = identifier_parts(word)
             if len(parts) > 1:
                 out.extend(p[:MAX_TOKEN] for p in parts)
     return out
