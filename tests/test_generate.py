@@ -48,6 +48,31 @@ def prompt_of(store, n: int) -> list[int]:
     return store.tokens(ids).reshape(-1)[:n].tolist()
 
 
+@pytest.mark.parametrize("match,slope", [(2.0, 2.0), (0.0, 0.0), (1.0, 0.0)])
+def test_decode_step_gives_forwards_logits_position_by_position(match, slope):
+    """Retro.decode_step on a batch of 2, m = 4, neighbours entering with each chunk's last token
+    (one of them partly pad): forward's logits at every position, with and without retrieval."""
+    from ratray.retro.model import DecodeCache, Retro
+
+    torch.manual_seed(0)
+    model = Retro(RetroConfig.tiny(zero_init_cca=False, cca_match_bias=match, cca_prior_slope=slope,
+                                   n_layer=3, cca_layers=(2, 3))).eval()
+    b, n, m = 2, 16, 4
+    idx = torch.randint(1, 64, (b, n))
+    nb = torch.randint(0, 64, (b, n // m, 3, 8))  # k' = 3, r' = 8
+    nb[0, 1, 0, :5] = 0  # pad keys
+    with torch.no_grad():
+        on, off = model(idx, nb)[0], model(idx, None)[0]
+    assert (on - off).abs().max() > 1e-3
+    c_on, c_off = DecodeCache(len(model.blocks)), DecodeCache(len(model.blocks))
+    for p in range(n):
+        got_on = model.decode_step(idx[:, p], c_on, nb[:, p // m] if p % m == m - 1 else None)
+        torch.testing.assert_close(got_on, on[:, p], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model.decode_step(idx[:, p], c_off), off[:, p], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="completes a chunk"):
+        model.decode_step(idx[:, 0], c_on, nb[:, 0])  # position 16: not a chunk's last token
+
+
 def test_kv_cached_generation_equals_the_full_forward_across_chunk_boundaries(db):
     store, index, enc = db
     model = model_for(store)
