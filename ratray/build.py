@@ -221,6 +221,11 @@ def format_build(s: dict) -> str:
              f"shards, index v{ix['version']} ({'reused' if ix['reused'] else 'built'}); "
              f"recall@{r['k']} {r['recall@' + str(r['k'])]:.3f} against exact search on {r['queries']} "
              f"validation queries"]
+    kw = ix.get("keyword")
+    if isinstance(kw, dict):
+        lines.append(f"BM25 shards: {kw['docs']:,} chunks, {kw['postings']:,} postings (built)")
+    elif kw:
+        lines.append("BM25 shards: reused")
     o = s.get("overlap")
     if o:
         lines.append(f"overlap: {o['share_r_ge_0.5']:.1%} of {o['chunks']:,} validation chunks share a run "

@@ -118,7 +118,7 @@ class KeywordShard:
         return cls(ids, doc_len, [str(v) for v in vocab], indptr, rows.astype(np.int32),
                    tf.astype(np.int32))
 
-    def texts_removed(self, remove_ids: np.ndarray) -> tuple["KeywordShard", int]:
+    def without(self, remove_ids: np.ndarray) -> tuple["KeywordShard", int]:
         """This shard without the rows of `remove_ids`; also how many of them it did not hold."""
         drop = np.isin(self.ids, remove_ids)
         keep_rows = np.flatnonzero(~drop)
@@ -306,7 +306,7 @@ def update_keyword_shard(src_dir: str | Path, dst_dir: str | Path, shard: int, a
         raise KeywordIndexError(f"update of keyword shard {shard}: {len(add_ids)} ids to add but "
                                 f"{len(add_texts)} texts")
     cur = KeywordShard.load(src)
-    cur, not_found = cur.texts_removed(remove) if len(remove) else (cur, 0)
+    cur, not_found = cur.without(remove) if len(remove) else (cur, 0)
     if len(add_ids):
         clash = np.intersect1d(add_ids, cur.ids)
         if len(clash):
