@@ -240,3 +240,46 @@ def test_evaluation_searches_a_chosen_index_version_and_scores_named_documents(t
                       (["--eval-corpus", str(docs / "tiny.txt")], "no document has a whole chunk")):
         assert evaluate_main(args + bad) == 2
         assert says in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_documents_added_after_training_are_read_at_once_and_forgotten_when_removed(trained, tmp_path):
+    """The living database (ratray/retro/live.py) on a copy of the trained run's workdir: two
+    stdlib modules the run never saw are added through update_index while a service answers
+    searches without pause, then removed. Scoring edited versions of them: after the add their
+    chunks' neighbours overlap them (r(C) >= 0.5 rises) and a generation's neighbours come from
+    them; after the removal every figure is back to the one before (same neighbours); not one
+    search failed during either swap, and the service moved through three versions."""
+    import shutil
+    import sysconfig
+
+    from ratray.data.versions import edited
+    from ratray.retro import live
+
+    wd, _, _, _ = trained
+    copy = tmp_path / "wd"
+    shutil.copytree(wd, copy, ignore=shutil.ignore_patterns("ray_results", "mlruns*"))
+    data = tmp_path / "data"
+    stdlib = sysconfig.get_paths()["stdlib"]
+    for name in ("textwrap.py", "shlex.py"):  # beyond the small corpus's first ~90 KB
+        text = open(f"{stdlib}/{name}", encoding="utf-8").read()[:5000]
+        (data / "held").mkdir(parents=True, exist_ok=True)
+        (data / "related").mkdir(parents=True, exist_ok=True)
+        (data / "held" / name).write_text(text)
+        (data / "related" / live.related_name(name)).write_text(edited(text, name, 1, 0))
+
+    x = live.run(str(copy), "t-resume", data, n_boot=200, max_tokens=32, progress=False)
+    st = x["stages"]
+    versions = [st[k]["index_version"] for k in ("before", "after", "removed")]
+    assert versions[0] < versions[1] < versions[2]
+    q = x["queries_during_updates"]
+    assert q["failed"] == 0 and q["searches"] > 0, q["errors"]
+    assert len(q["versions_seen"]) >= 2
+    share = {k: st[k]["eval"]["share_r_ge_0.5"] for k in st}
+    assert share["after"] > share["before"] + 0.3 and share["removed"] == share["before"]
+    assert st["removed"]["rows"][0]["bpb"] == pytest.approx(st["before"]["rows"][0]["bpb"], rel=1e-6)
+    assert x["removed_minus_before"]["delta_bpb"] == pytest.approx(0, abs=1e-6)
+    assert x["generation"]["after"]["neighbours_from_added_documents"] > 0.5
+    assert x["generation"]["before"]["neighbours_from_added_documents"] == 0
+    assert x["updates"]["add"]["chunks_added"] > 0 and x["updates"]["remove"]["chunks_removed"] > 0
+    assert (copy / "experiments" / "live" / "live.md").read_text().count("| ") >= 3

@@ -68,7 +68,7 @@ def load_run(wd: Workdir, name: str) -> Loaded:
     if summary.get("model_type") not in ("retro", "baseline"):
         raise ConfigError(f"run '{name}' is a {summary.get('model_type')} run, not RETRO or baseline")
     saved = json.loads((wd.run(name) / "config.json").read_text())
-    job = from_dict(RetroJobConfig, saved["job"])
+    job = dataclasses.replace(from_dict(RetroJobConfig, saved["job"]), workdir=str(wd.root))  # (moved?)
     cfg = RetroConfig(**saved["model"])
     if not summary.get("checkpoint"):
         raise FileNotFoundError(f"run '{name}' has no checkpoint to evaluate")
@@ -336,6 +336,21 @@ def evaluate(workdir: str, run_name: str, compare: tuple[str, ...] = (),
         differences.append({"a": first.model, "b": other.model, "delta_bpb": delta, "ci95": list(ci),
                             "verdict": verdict(first.model, other.model, delta, ci)})
 
+    # the decontaminated subset: validation documents that near-duplicate the database left out
+    # (the chunk store's cleaning report: ratray/data/clean.py)
+    decontaminated = None
+    if source is store:
+        from ratray.data.clean import contaminated_val_ids
+
+        dirty = contaminated_val_ids(store.meta)
+        keep = np.array([c not in dirty for c in codes], bool)  # (D,) units kept
+        decontaminated = {"documents_left_out": int((~keep).sum()), "rows": []}
+        if dirty and keep.any():
+            for s_ in scored:
+                dn, db = per_document(doc_of, s_.nats[live], D)[keep], doc_bytes[keep]
+                bpb, ci = bpb_interval(dn, db, n_boot, seed)
+                decontaminated["rows"].append({"model": s_.model, "bpb": bpb, "ci95": list(ci)})
+
     # the database-size curve: the same checkpoint, the database cut to a share of the documents
     size_curve = []
     if retro and fractions and not searched:  # the curve cuts the index the run trained with
@@ -355,6 +370,7 @@ def evaluate(workdir: str, run_name: str, compare: tuple[str, ...] = (),
         "run": run_name, "compared": list(compare), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "source": source_info,
         "rows": report_rows, "differences": differences, "database_size": size_curve,
+        "decontaminated": decontaminated,
         "eval": {"sequences": int(len(rows)), "chunks": int(live.sum()), "documents": int(D),
                  "bytes": int(doc_bytes.sum()), "share_r_ge_0.5": float((r[live] >= 0.5).mean())
                  if live.any() else 0.0},
