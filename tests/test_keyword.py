@@ -230,8 +230,15 @@ def test_service_keyword_search_equals_brute_force(served, corpus):
 def test_keyword_shards_swap_with_the_dense_ones(served):
     index, root, vecs, ids, texts = served
     new_text = "class QuuxRegistry_4417: a chunk only version 2 holds"
-    v2 = version_dir(root, 2)
-    _version(root, 2, np.vstack([vecs, vecs[:1]]), np.append(ids, 50_000), texts + [new_text])
+    v2 = version_dir(root, 2)  # as jobs/update_index writes it: the dense shards, then each
+    m = build_index(np.vstack([vecs[1:], vecs[:1]]), np.append(ids[1:], 50_000), v2,  # keyword
+                    IndexConfig(factory="Flat", shards=2, metric="ip"), "t", version=2,  # shard
+                    extra_manifest={"keyword": manifest_entry()})  # updated from v1's
+    for i, entry in enumerate(m.shards):
+        mine = 50_000 in np.load(v2 / entry["ids"])
+        update_keyword_shard(version_dir(root, 1), v2, i, [50_000] if mine else [],
+                             [new_text] if mine else [], remove_ids=[ids[0]])
+    assert index.keyword_search([texts[0]], 1).ids[0, 0] == ids[0]
     before = index.keyword_search(["quuxregistry_4417"], 3)
     assert before.version == 1 and before.ids[0, 0] == -1
     assert index.swap(v2) == 2
@@ -240,6 +247,7 @@ def test_keyword_shards_swap_with_the_dense_ones(served):
     assert index.search(vecs[:1], 2).version == 2
     pinned = index.keyword_search(["quuxregistry_4417"], 3, version=1)  # the previous, still held
     assert pinned.version == 1 and pinned.ids[0, 0] == -1
+    assert ids[0] not in index.keyword_search([texts[0]], 10).ids[0]  # removed in v2
 
 
 def test_hybrid_puts_a_chunk_found_only_by_keyword_into_the_top_k(served):

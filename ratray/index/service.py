@@ -378,7 +378,12 @@ class ShardedIndex:
             if not ask:
                 break
             refs = [self.actors[i].keyword_search.remote(texts, k, version) for i in ask]
-            got = ray.get([r for three in refs for r in three], timeout=self.timeout_s)
+            try:
+                got = ray.get([r for three in refs for r in three], timeout=self.timeout_s)
+            except ray.exceptions.GetTimeoutError:
+                raise ShardTimeoutError(f"keyword search: shards {ask} of {self.namespace}/"
+                                        f"{self.name} did not all answer within {self.timeout_s:g} "
+                                        "s (service.timeout_s)") from None
             for j, i in enumerate(ask):
                 parts[i] = got[3 * j: 3 * j + 3]  # scores, chunk ids, version
             newest = max(p[2] for p in parts)
