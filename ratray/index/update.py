@@ -166,7 +166,7 @@ def drift_report(index: faiss.Index, new: np.ndarray, base: np.ndarray, threshol
         return {"applies": False, "why": "no new vectors", "retrain": False}
     e_new, e_base = _quantizer_errors(index, new), _quantizer_errors(index, base)
     if not e_new:
-        return {"applies": False, "why": "the index has no trained quantizer (nothing to drift from)",
+        return {"applies": False, "why": "the index has no trained quantizer to drift from",
                 "retrain": False}
     figures = {}
     for k in e_new:
