@@ -126,6 +126,9 @@ def test_running_shards_serve_the_new_version_exactly(live):
     qg, _ = embed_with_cache(store.texts(gone), live["cfg"].embed, Workdir(live["wd"]).embeddings,
                              progress=False, use_ray=False)
     assert not np.isin(client.search(qg, 5).ids, gone).any()
+    kw = client.keyword_search(["giraffe acacia ruminant", *store.texts(gone[:1])], 5)  # BM25 shards
+    assert kw.version == r["version"] and kw.ids[0, 0] in store.document_chunks("zoo/giraffe")
+    assert not np.isin(kw.ids, gone).any()
     m = load_manifest(serving_dir(Workdir(live["wd"]).index))
     assert m.ntotal == len(store.database_ids()) and is_versioned(Workdir(live["wd"]).index)
     u = m.extra["updates"][-1]
