@@ -223,27 +223,34 @@ def test_the_job_removes_documents_and_names_unknown_ids(live, tmp_path, capsys)
 # FAISS mechanics on random vectors (no model): IVF rows renumbered, lists routed, drift
 
 
-def test_ivf_shards_remove_and_add_rows_with_the_trained_quantizer(tmp_path):
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(2000, 16)).astype(np.float32)
-    ids = np.arange(2000, dtype=np.int64) * 3  # chunk ids need not be dense
-    m = build_index(x, ids, tmp_path, IndexConfig(factory="IVF8,Flat", shards=2, nprobe=8),
-                    embedding_model="random")
-    shards = [load_shard(tmp_path, i, m, reconstruct=False) for i in range(2)]
-    gone = ids[::7]
-    shards = [remove_rows(ix, i, gone, m)[:2] for ix, i in shards]
-    new = rng.normal(size=(50, 16)).astype(np.float32)
-    new_ids = 10_000 + np.arange(50)
+def updated_shards(folder, m, gone, new, new_ids):
+    """The shards of the index at folder/v1 with `gone` removed and (new, new_ids) added, as
+    update_index does it, written as folder/v2 and loaded back as a shard actor loads them."""
+    from dataclasses import replace
+
+    from ratray.index.store import write_index_dir
+
+    shards = [remove_rows(*load_shard(folder / "v1", i, m, reconstruct=False), gone, m)[:2]
+              for i in range(m.num_shards)]
     for s, rows in enumerate(route(shards, new, m.extra["shard_split"])):
         shards[s][0].add(new[rows])
         shards[s] = (shards[s][0], np.concatenate([shards[s][1], new_ids[rows]]))
-    from dataclasses import replace
+    n = sum(ix.ntotal for ix, _ in shards)
+    write_index_dir(folder / "v2", shards, replace(m, version=2, ntotal=n))
+    return [load_shard(folder / "v2", i) for i in range(m.num_shards)]
 
+
+def test_ivf_shards_remove_and_add_rows_with_the_trained_quantizer(tmp_path):
     from ratray.index.search import search_shards
-    from ratray.index.store import write_index_dir
 
-    write_index_dir(tmp_path / "v2", shards, replace(m, version=2, ntotal=2050 - len(gone)))
-    shards = [load_shard(tmp_path / "v2", i) for i in range(2)]  # as a shard actor loads it
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2000, 16)).astype(np.float32)
+    ids = np.arange(2000, dtype=np.int64) * 3  # chunk ids need not be dense
+    m = build_index(x, ids, tmp_path / "v1", IndexConfig(factory="IVF8,Flat", shards=2, nprobe=8),
+                    embedding_model="random")
+    gone = ids[::7]
+    new, new_ids = rng.normal(size=(50, 16)).astype(np.float32), 10_000 + np.arange(50)
+    shards = updated_shards(tmp_path, m, gone, new, new_ids)
     kept = ~np.isin(ids, gone)
     q = np.concatenate([x[kept][:100], new])
     want = np.concatenate([ids[kept][:100], new_ids])
@@ -264,3 +271,23 @@ def test_drift_report_flags_shifted_vectors_only():
     moved = drift_report(index, (rng.normal(size=(300, 32)) * 3 + 4).astype(np.float32), x[:1000], 1.5)
     assert same["applies"] and not same["retrain"] and 0.8 < same["coarse"]["ratio"] < 1.25
     assert moved["retrain"] and moved["coarse"]["ratio"] > 3 and moved["codec"]["ratio"] > 1.5
+
+
+@pytest.mark.parametrize("factory", ["HNSW16", "OPQ4,IVF8,PQ4x4"])
+def test_other_index_types_remove_and_add_rows(tmp_path, factory):
+    """HNSW has no remove_ids (its shard is refilled from its stored vectors); OPQ puts a
+    transform in front of the IVF (lists routed through it). Removed chunks never come back."""
+    from ratray.index.search import search_shards
+
+    rng = np.random.default_rng(2)
+    x, ids = rng.normal(size=(1500, 16)).astype(np.float32), np.arange(1500, dtype=np.int64) * 2
+    m = build_index(x, ids, tmp_path / "v1", IndexConfig(factory=factory, shards=2, nprobe=8),
+                    embedding_model="random")
+    gone = ids[::5]
+    new, new_ids = rng.normal(size=(30, 16)).astype(np.float32), 10_000 + np.arange(30)
+    shards = updated_shards(tmp_path, m, gone, new, new_ids)  # sizes and id maps agree on load
+    assert sorted(np.concatenate([i for _, i in shards])) == sorted([*ids[~np.isin(ids, gone)], *new_ids])
+    _, near = search_shards(shards, x[::5], 10, "l2")
+    assert not np.isin(near, gone).any()
+    _, own = search_shards(shards, new, 1, "l2")
+    assert (own[:, 0] == new_ids).mean() >= 0.9  # PQ codes are lossy; HNSW finds every one
