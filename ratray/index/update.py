@@ -45,9 +45,9 @@ from ratray.index.build import ivf_lists
 from ratray.index.embed import embed_with_cache
 from ratray.index.factory import IndexBuildError, faiss_message, new_index
 from ratray.index.store import (MANIFEST, Manifest, check_embedding_model, current_version,
-                                is_versioned, load_manifest, load_shard, now_iso, remove_version,
-                                serving_dir, version_dir, versions_on_disk, write_current,
-                                write_index_dir, write_manifest)
+                                is_versioned, load_manifest, load_shard, now_iso, remove_leftovers,
+                                remove_version, serving_dir, version_dir, versions_on_disk,
+                                write_current, write_index_dir, write_manifest)
 from ratray.pretrained import model_id
 from ratray.workdir import Workdir
 
@@ -268,6 +268,8 @@ def update_index(workdir: str | Path, add: str | Path | None = None, remove=(),
     root = wd.index
     with wd.locked("index update"):
         t0 = time.perf_counter()
+        if removed := remove_leftovers(root):  # of a killed update (we hold the workdir's lock)
+            log.warning("removed leftovers of an interrupted update: %s", ", ".join(removed))
         src = serving_dir(root)
         m = load_manifest(src)
         check_embedding_model(root, model_id(cfg.embed.model))
