@@ -60,7 +60,7 @@ def brute_force_bm25(texts: list[str], ids: np.ndarray, queries: list[str], k: i
                 j = col[t]
                 idf = float(np.log(1 + (n - df[j] + 0.5) / (df[j] + 0.5)))
                 has = tf[:, j] > 0
-                acc[has] += idf * tf[has, j] / (tf[has, j] + norm[has])
+                acc[has] += idf * (tf[has, j] / (tf[has, j] + norm[has]))
                 hit |= has
         rows = np.flatnonzero(hit)
         sc = acc[rows].astype(np.float32)

@@ -194,42 +194,63 @@ class KeywordSearcher:
     def __init__(self, shard: KeywordShard, stats: GlobalStats):
         self.shard, self.stats = shard, stats
         self._col = {t: j for j, t in enumerate(shard.vocab)}
-        # (n,) float64 length normalisation k1 (1 - b + b |d| / avgdl), per row
-        self._norm = K1 * (1.0 - B + B * shard.doc_len.astype(np.float64) / max(stats.avgdl, 1e-9))
+        self._idf = np.array([stats.idf(t) for t in shard.vocab], np.float64)  # (V,) global idf
+        # (n,) length normalisation k1 (1 - b + b |d| / avgdl); (nnz,) tf / (tf + it) per posting
+        norm = K1 * (1.0 - B + B * shard.doc_len.astype(np.float64) / max(stats.avgdl, 1e-9))
+        tf = shard.tf.astype(np.float64)
+        self._tfc = tf / (tf + norm[shard.rows])
 
     @property
     def size(self) -> int:
         return len(self.shard.ids)
 
+    def _scores(self, texts: list[str]) -> np.ndarray:
+        """texts (b,) -> scores (b, n) float32 of every row, -inf where a row shares no token
+        with the query. Each score is summed over the query's distinct tokens in sorted order
+        (np.bincount adds in input order), so it never depends on the batch or the shard."""
+        s, n = self.shard, self.size
+        qs, cols = [], []
+        for q, text in enumerate(texts):
+            js = [self._col[t] for t in sorted(set(tokenize(text))) if t in self._col]
+            qs += [q] * len(js)
+            cols += js
+        q_of, col = np.array(qs, np.int64), np.array(cols, np.int64)  # (p,) query-token pairs
+        lens = s.indptr[col + 1] - s.indptr[col]  # (p,) postings per pair
+        pos = np.repeat(s.indptr[col] - np.cumsum(lens) + lens, lens) + np.arange(lens.sum())
+        key = np.repeat(q_of, lens) * n + s.rows[pos]  # (query, row) of every posting visited
+        weight = np.repeat(self._idf[col], lens) * self._tfc[pos]
+        size = len(texts) * n
+        out = np.bincount(key, weights=weight, minlength=size).astype(np.float32)
+        out[np.bincount(key, minlength=size) == 0] = -np.inf
+        return out.reshape(len(texts), n)
+
     def scores(self, text: str) -> tuple[np.ndarray, np.ndarray]:
-        """One query -> rows sharing a token with it (r,) and their BM25 scores (r,) float32."""
-        s, acc, touched = self.shard, None, []
-        for tok in sorted(set(tokenize(text))):  # fixed order: a document's sum never varies
-            j = self._col.get(tok)
-            if j is None:
-                continue
-            lo, hi = s.indptr[j], s.indptr[j + 1]
-            r, tf = s.rows[lo:hi], s.tf[lo:hi].astype(np.float64)
-            if acc is None:
-                acc = np.zeros(len(s.ids), np.float64)
-            acc[r] += self.stats.idf(tok) * tf / (tf + self._norm[r])
-            touched.append(r)
-        if acc is None:
-            return np.zeros(0, np.int64), np.zeros(0, np.float32)
-        rows = np.unique(np.concatenate(touched))
-        return rows, acc[rows].astype(np.float32)
+        """One query -> rows sharing a token with it (r,) ascending and their scores (r,)."""
+        row = self._scores([text])[0]
+        rows = np.flatnonzero(row > -np.inf)
+        return rows, row[rows]
 
     def search(self, texts: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
         """texts (b,) -> scores (b, k') float32 descending, chunk ids (b, k') int64, k' =
-        min(k, shard size); equal scores by chunk id; -1 / -inf where fewer rows match."""
-        kk = min(k, self.size)
+        min(k, shard size); equal scores by chunk id; -1 / -inf where fewer rows match.
+        Queries go in blocks of <= 4M (query, row) scores (16 MB); in each, the rows at or
+        above a query's k'-th score (ties at the edge included) are sorted, the rest never."""
+        n, kk = self.size, min(k, self.size)
         S = np.full((len(texts), kk), -np.inf, np.float32)
         I = np.full((len(texts), kk), -1, np.int64)
-        for q, text in enumerate(texts):
-            rows, sc = self.scores(text)
-            cid = self.shard.ids[rows]
-            order = np.lexsort((cid, -sc))[:kk]
-            S[q, :len(order)], I[q, :len(order)] = sc[order], cid[order]
+        if kk == 0:
+            return S, I
+        block = max(1, (1 << 22) // n)
+        for b0 in range(0, len(texts), block):
+            sc = self._scores(texts[b0: b0 + block])  # (blk, n)
+            kth = -np.partition(-sc, kk - 1, axis=1)[:, kk - 1]  # (blk,) k'-th best score
+            q, rows = np.nonzero((sc >= kth[:, None]) & (sc > -np.inf))
+            score, cid = sc[q, rows], self.shard.ids[rows]
+            order = np.lexsort((cid, -score, q))  # by query, best first, ties by chunk id
+            q, score, cid = q[order], score[order], cid[order]
+            rank = np.arange(len(q)) - np.searchsorted(q, q)  # place within its query
+            keep = rank < kk
+            S[b0 + q[keep], rank[keep]], I[b0 + q[keep], rank[keep]] = score[keep], cid[keep]
         return S, I
 
 
