@@ -31,7 +31,8 @@ from ratray.index.embed import embed_with_cache
 from ratray.index.keyword import build_keyword_shards, has_keyword, manifest_entry
 from ratray.index.search import exact_search
 from ratray.index.service import ShardedIndex
-from ratray.index.store import Manifest, check_embedding_model, load_manifest, write_manifest
+from ratray.index.store import (Manifest, check_embedding_model, load_manifest, serving_dir,
+                                write_manifest)
 from ratray.pretrained import model_id
 from ratray.workdir import Workdir
 
@@ -42,6 +43,7 @@ RECALL_K = 10
 
 def _index_is_current(path: Path, cfg: BuildConfig, store: ChunkStore, model: str) -> Manifest | None:
     """The existing index, if it was built from this chunk store with these build-time settings."""
+    path = serving_dir(path)  # after live updates: the version serving now
     try:
         m = load_manifest(path)
     except Exception:  # missing or unreadable: rebuild
@@ -146,7 +148,7 @@ def _build(cfg: BuildConfig, wd: Workdir, progress: bool) -> dict:
     model = model_id(cfg.embed.model)
     manifest = _index_is_current(path, cfg, store, model)
     index_reused = manifest is not None
-    search_updated = apply_search_settings(path, manifest, cfg.index) if index_reused else []
+    search_updated = apply_search_settings(serving_dir(path), manifest, cfg.index) if index_reused else []
     if manifest is None:
         manifest = build_index(vectors, db_ids.astype(np.int64), path, cfg.index,
                                embedding_model=model, chunk_store=store.key)
@@ -154,11 +156,12 @@ def _build(cfg: BuildConfig, wd: Workdir, progress: bool) -> dict:
     # BM25 shards beside the dense ones, same chunk ids per shard: always (seconds, next to the
     # embedding's minutes), so any job can turn index.hybrid on without a rebuild
     keyword = "reused"
-    if not has_keyword(path, manifest):
+    kpath = serving_dir(path)  # a reused index after live updates: its serving version
+    if not has_keyword(kpath, manifest):
         t = time.perf_counter()
-        keyword = build_keyword_shards(path, store.texts, manifest)
+        keyword = build_keyword_shards(kpath, store.texts, manifest)
         manifest.extra["keyword"] = manifest_entry()
-        write_manifest(path, manifest)  # last: the manifest names complete keyword files
+        write_manifest(kpath, manifest)  # last: the manifest names complete keyword files
         timings["keyword_s"] = time.perf_counter() - t
 
     # through the real shard actors: recall@10 against exact search on held-out (validation)

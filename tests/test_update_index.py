@@ -58,13 +58,16 @@ def live(small_workdir, tmp_path_factory):
     client = ShardedIndex.launch(str(Workdir(wd).index), svc)
     store_path = Workdir(wd).chunk_store(summary["chunk_store"]["key"])
     early = ChunkStore.open(store_path)  # opened before the update, like a running job's
+    from ratray.index.filtered import DocCodes
+
+    codes = DocCodes(ChunkStore.open(store_path))  # a running job's leakage filter
     victim = str(early.doc_ids(early.split_ids("train")[:1])[0])
     before = {"n": len(early), "db": early.database_ids(), "victim_chunks": early.document_chunks(victim),
               "tokens0": early.tokens(np.arange(5)), "version": client.version()}
     cfg = UpdateJobConfig(workdir=str(wd), service=svc)
     result = update_index(wd, add=write_docs(tmp_path_factory.mktemp("add"), {**NEW_DOCS, **EXTRA}),
                           remove=[victim], cfg=cfg)  # no service_name: found by its index folder
-    yield {"wd": wd, "client": client, "svc": svc, "cfg": cfg, "early": early, "victim": victim,
+    yield {"wd": wd, "client": client, "svc": svc, "cfg": cfg, "early": early, "codes": codes, "victim": victim,
            "before": before, "result": result, "store_path": store_path}
     client.shutdown()
 
@@ -89,6 +92,17 @@ def test_a_store_opened_before_the_update_serves_the_new_ids(live):
     fresh = ChunkStore.open(live["store_path"])
     np.testing.assert_array_equal(early.with_continuation(new), fresh.with_continuation(new))
     assert early.texts(new[:1]) == fresh.texts(new[:1])
+
+
+def test_a_leakage_filter_made_before_the_update_codes_the_new_chunks(live):
+    docs, new = live["codes"], np.arange(*live["result"]["store"]["added_ids"])
+    d = len(docs.names)
+    got = docs.of(np.array([[0, new[0]], [new[-1], -1]]))  # grows on the first new id
+    assert got[0, 0] == docs.of_documents([live["early"].doc_ids([0])[0]])[0] and got[1, 1] == -1
+    zebra, giraffe = docs.of_documents(["zoo/zebra", "zoo/giraffe"])
+    assert zebra >= d and giraffe >= d and zebra != giraffe
+    ids = ChunkStore.open(live["store_path"]).document_chunks("zoo/giraffe")
+    assert (docs.of(ids) == giraffe).all() and docs.excluded_chunks(np.array([[giraffe]]))[0] == len(ids)
 
 
 def test_removed_document_leaves_the_database_but_its_ids_stay_readable(live):

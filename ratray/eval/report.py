@@ -84,6 +84,15 @@ def format_evaluation(r: dict, markdown: bool = True) -> str:
               f"{ci(x['ci95'])} |" for x in r["rows"]]
     if r["differences"]:
         lines += ["", "## Differences", ""] + [f"- {d['verdict']}" for d in r["differences"]]
+    dc = r.get("decontaminated") or {}
+    if dc.get("rows"):
+        lines += ["", f"## Decontaminated: {dc['documents_left_out']} validation document(s) that "
+                  "near-duplicate the database left out", "",
+                  "| model | bits per byte | 95% CI |", "|---|---|---|"]
+        lines += [f"| {x['model']} | {x['bpb']:.4f} | {ci(x['ci95'])} |" for x in dc["rows"]]
+    elif dc:
+        lines += ["", "No validation document near-duplicates the database (corpus cleaning's "
+                  "report): the decontaminated subset is the whole set."]
     alphas = [p["alpha"] for p in r["rows"][0]["by_overlap"]]
     lines += ["", "## bpb(α): chunks whose longest common run with their neighbours is ≤ α of the chunk",
               "", f"Share of evaluated chunks with r(C) ≥ 0.5: {e['share_r_ge_0.5']:.1%}.", "",

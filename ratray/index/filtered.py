@@ -21,10 +21,25 @@ class DocCodes:
     """Document ids as dense int codes, so the leakage filter is vectorised numpy."""
 
     def __init__(self, store: ChunkStore):
+        self.store = store
         doc = store.doc_ids(np.arange(len(store)))
         self.names, codes = np.unique(doc.astype(str), return_inverse=True)  # (D,) sorted doc ids
+        self.later: dict[str, int] = {}  # documents first met in chunks appended since: D, D+1, ...
         self.of_chunk = codes.astype(np.int64)  # (N,)
         self.chunks = np.bincount(self.of_chunk)  # (D,) chunks per document
+
+    def _grow(self) -> None:
+        """Codes for the chunks a live update appended to the store since (ratray/index/update.py;
+        a search of the updated index returns them). Existing codes never change, and a re-added
+        document keeps its code, so the filter still excludes it by id."""
+        self.store.reload()
+        n = len(self.of_chunk)
+        doc = self.store.doc_ids(np.arange(n, len(self.store))).astype(str)
+        codes = self.of_documents(doc)
+        for i in np.flatnonzero(codes < 0):
+            codes[i] = self.later.setdefault(doc[i], len(self.names) + len(self.later))
+        self.of_chunk = np.concatenate([self.of_chunk, codes])
+        self.chunks = np.bincount(self.of_chunk, minlength=len(self.names) + len(self.later))
 
     def excluded_chunks(self, exclude: np.ndarray) -> np.ndarray:
         """exclude (q, E) doc codes, -1 and repeats allowed → (q,) chunks in each row's distinct
@@ -40,14 +55,21 @@ class DocCodes:
         """Document ids (any shape) → their codes, -1 for a document this store does not hold."""
         doc_ids = np.asarray(doc_ids).astype(str)
         if len(self.names) == 0:
-            return np.full(doc_ids.shape, -1, np.int64)
-        at = np.minimum(np.searchsorted(self.names, doc_ids), len(self.names) - 1)
-        return np.where(self.names[at] == doc_ids, at, -1).astype(np.int64)
+            out = np.full(doc_ids.shape, -1, np.int64)
+        else:
+            at = np.minimum(np.searchsorted(self.names, doc_ids), len(self.names) - 1)
+            out = np.where(self.names[at] == doc_ids, at, -1).astype(np.int64)
+        if self.later and (out < 0).any():
+            miss = out < 0
+            out[miss] = [self.later.get(d, -1) for d in doc_ids[miss]]
+        return out
 
     def of(self, ids: np.ndarray) -> np.ndarray:
         """Chunk ids (any shape, -1 allowed) → doc codes, -1 for empty slots."""
         out = np.full(ids.shape, -1, np.int64)
         ok = ids >= 0
+        if ok.any() and int(ids[ok].max()) >= len(self.of_chunk):
+            self._grow()
         out[ok] = self.of_chunk[ids[ok]]
         return out
 

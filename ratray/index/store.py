@@ -227,12 +227,14 @@ def _swap_in(tmp: Path, out_dir: Path) -> None:
 
 
 def next_version(out_dir: str | Path) -> int:
-    """The version a rebuild of `out_dir` in place gets: one above the one there (1 if none), so
-    shards restarted under a running service can tell the new index from the old."""
+    """The version a rebuild of `out_dir` in place gets: one above any there (its own manifest's,
+    and every version a live update published under it; 1 if none), so shards restarted under a
+    running service can tell the new index from the old."""
     try:
-        return int(load_manifest(out_dir).version) + 1
+        own = int(load_manifest(out_dir).version)
     except (IndexBuildError, ValueError, TypeError):
-        return 1
+        own = 0
+    return max([own, *versions_on_disk(out_dir)]) + 1
 
 
 

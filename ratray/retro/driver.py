@@ -43,14 +43,14 @@ class Prepared:
 
 def resolve(job: RetroJobConfig) -> Prepared:
     """Open the index and chunk store and complete the model config; ConfigError on any mismatch."""
-    from ratray.index.store import MANIFEST, check_embedding_model, load_manifest
+    from ratray.index.store import MANIFEST, check_embedding_model, load_manifest, serving_dir
     from ratray.pretrained import model_id
 
     wd = Workdir(job.workdir)
     if not (wd.index / MANIFEST).is_file():
         raise ConfigError(f"no index in {wd.index} ({MANIFEST} missing): build it first with "
                           f"`python jobs/build_index.py --workdir {job.workdir}`")
-    manifest = load_manifest(wd.index)
+    manifest = load_manifest(serving_dir(wd.index))  # after live updates: the version serving now
     check_embedding_model(wd.index, model_id(job.embed.model))  # the queries' model = the index's
     spath = wd.chunk_store(manifest.chunk_store)
     try:

@@ -157,9 +157,9 @@ def precompute_neighbours(store: ChunkStore, index, split: str, seq_chunks: int,
                           vectors: ChunkVectors, batch: int = 1024, progress: bool = True,
                           in_flight: int = 2) -> NeighbourTable:
     """Search every chunk of `split` once through the shard actors; store and reuse the result."""
-    from ratray.index.store import load_manifest
+    from ratray.index.store import load_manifest, serving_dir
 
-    manifest = load_manifest(index.index_dir)
+    manifest = load_manifest(serving_dir(index.index_dir))  # the version serving (live updates)
     path = _table_path(store, manifest, split, seq_chunks, k)
     layout = sequence_layout(store, split, seq_chunks)
     if path.is_file():
