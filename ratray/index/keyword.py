@@ -374,24 +374,44 @@ def fuse(dense_d: np.ndarray, dense_i: np.ndarray, metric: str, kw_s: np.ndarray
     if mode not in ("rrf", "weighted"):
         raise ConfigError(f"index.hybrid: fusion needs rrf|weighted, got {mode!r}")
     dense_sim = -dense_d.astype(np.float64) if metric == "l2" else dense_d.astype(np.float64)
-    S = np.full((len(dense_i), k), -np.inf, np.float32)
-    I = np.full((len(dense_i), k), -1, np.int64)
-    for q in range(len(dense_i)):
-        fused: dict[int, float] = {}
-        for ids, sims, weight in ((dense_i[q], dense_sim[q], w),
-                                  (kw_i[q], kw_s[q].astype(np.float64), 1.0 - w)):
-            ok = ids >= 0
-            ids, sims = ids[ok], sims[ok]
-            if mode == "rrf":
-                part = weight / (cfg.rrf_k + np.arange(1, len(ids) + 1))
-            else:
-                span = sims.max() - sims.min() if len(sims) else 0.0
-                part = weight * ((sims - sims.min()) / span if span > 0 else np.ones(len(sims)))
-            for cid, p in zip(ids.tolist(), part.tolist()):
-                fused[cid] = fused.get(cid, 0.0) + p
-        if fused:
-            cid = np.fromiter(fused.keys(), np.int64, len(fused))
-            sc = np.fromiter(fused.values(), np.float64, len(fused)).astype(np.float32)
-            order = np.lexsort((cid, -sc))[:k]
-            S[q, :len(order)], I[q, :len(order)] = sc[order], cid[order]
-    return S, I
+    parts = [_contributions(dense_i, dense_sim, w, mode, cfg.rrf_k),
+             _contributions(kw_i, kw_s.astype(np.float64), 1.0 - w, mode, cfg.rrf_k)]
+    ids = np.concatenate([np.asarray(dense_i, np.int64), np.asarray(kw_i, np.int64)], 1)  # (b, M)
+    part = np.concatenate(parts, 1)  # (b, M) float64, a chunk at most once per list
+    no_id = np.iinfo(np.int64).max
+    ids = np.where(ids >= 0, ids, no_id)
+    which = np.broadcast_to(np.arange(ids.shape[1]), ids.shape)  # dense entries come first
+    order = np.lexsort((which, ids), axis=-1)  # grouped by chunk id, the dense entry first
+    ids, part = np.take_along_axis(ids, order, 1), np.take_along_axis(part, order, 1)
+    pair = np.zeros(ids.shape, bool)  # this entry and the next are one chunk (both lists)
+    pair[:, :-1] = (ids[:, 1:] == ids[:, :-1]) & (ids[:, :-1] != no_id)
+    total = part.copy()
+    total[:, :-1] = np.where(pair[:, :-1], part[:, :-1] + part[:, 1:], part[:, :-1])
+    gone = np.zeros(ids.shape, bool)
+    gone[:, 1:] = pair[:, :-1]
+    gone |= ids == no_id
+    score = np.where(gone, -np.inf, total).astype(np.float32)
+    ids = np.where(gone, no_id, ids)
+    top = np.lexsort((ids, -score), axis=-1)[:, :k]  # best first, ties by chunk id
+    S, I = np.take_along_axis(score, top, 1), np.take_along_axis(ids, top, 1)
+    if S.shape[1] < k:  # fewer entries than k in both lists together
+        pad = k - S.shape[1]
+        S = np.concatenate([S, np.full((len(S), pad), -np.inf, np.float32)], 1)
+        I = np.concatenate([I, np.full((len(I), pad), no_id, np.int64)], 1)
+    return S, np.where(I == no_id, -1, I)
+
+
+def _contributions(ids: np.ndarray, sims: np.ndarray, weight: float, mode: str, rrf_k: int
+                   ) -> np.ndarray:
+    """One list's share of the fused score per entry, (b, D) float64; 0 at padding (id -1).
+    rrf: weight / (rrf_k + rank), ranks from 1 over the real entries (padding comes last);
+    weighted: weight x the row's scores min-max scaled to [0, 1] (all equal: 1)."""
+    ok = np.asarray(ids) >= 0
+    if mode == "rrf":
+        return np.where(ok, weight / (rrf_k + np.arange(1, ids.shape[1] + 1)), 0.0)
+    lo = np.where(ok, sims, np.inf).min(1, keepdims=True)  # (b, 1)
+    hi = np.where(ok, sims, -np.inf).max(1, keepdims=True)
+    span = hi - lo
+    with np.errstate(invalid="ignore", divide="ignore"):
+        scaled = np.where(span > 0, (sims - lo) / np.where(span > 0, span, 1.0), 1.0)
+    return np.where(ok, weight * scaled, 0.0)

@@ -402,8 +402,11 @@ class ShardedIndex:
         if cfg.hybrid == "off":
             return self.search(queries, k)
         depth = min(max(k, cfg.hybrid_depth), self.ntotal)
-        dense = self.search(queries, depth)
-        kw = self.keyword_search(texts, depth, version=dense.version)
+        pending = self.search_async(queries, depth)  # the dense search runs while BM25 does
+        kw = self.keyword_search(texts, depth)
+        dense = pending.result()
+        if kw.version != dense.version:  # a swap between the two: BM25 of the dense version
+            kw = self.keyword_search(texts, depth, version=dense.version)
         S, I = fuse(dense.distances, dense.ids, self.metric, kw.distances, kw.ids, k, cfg)
         return SearchResult(S, I, dense.version)
 
