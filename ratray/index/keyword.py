@@ -13,7 +13,7 @@ top-k lists needs scores computed with corpus-wide statistics (N, document frequ
 length). bm25s bakes each index's own idf and average length into its precomputed score matrix
 when it indexes; tantivy takes them from its own segments. A shard of either scores with its
 shard's statistics, and the merged top-k then differs from one BM25 over all chunks. So the
-kernel is here (numpy, ~40 lines): postings with raw term frequencies, statistics summed over the
+kernel is here (numpy): postings with raw term frequencies, statistics summed over the
 shards when a version loads, scores computed at query time. bm25s (same formula: Lucene's idf,
 k1 = 1.5, b = 0.75) is the independent reference the tests compare an unsharded run against.
 Keeping raw counts (not scores) also makes an update local to one shard: the global statistics
