@@ -92,7 +92,7 @@ def update_store(store: ChunkStore, add: str | Path | None = None, remove: list[
             for r in remove]
     part, table = None, None
     if add is not None:
-        table, docs, skips, cleaned = _chunk_new(store, add)
+        table, docs, skips, cleaned = chunk_new_documents(store, add)
         up.documents_read, up.skipped, up.cleaned = docs, skips.as_dict(), cleaned
         added = [] if table is None else list(dict.fromkeys(
             table.column("doc_id").to_pylist()))
@@ -120,13 +120,16 @@ def update_store(store: ChunkStore, add: str | Path | None = None, remove: list[
     return up
 
 
-def _chunk_new(store: ChunkStore, add: str | Path):
-    """The documents at `add`, validated, cleaned and chunked like the build's → (SCHEMA table
-    with ids from len(store), or None if no chunk; documents read; skip report; cleaning counts)."""
+def chunk_new_documents(store: ChunkStore, add: str | Path, split: str = NEW_SPLIT,
+                        first: int | None = None):
+    """The documents at `add`, validated, cleaned and chunked like the build's, with the store's
+    tokenizer → (SCHEMA table of `split` with ids from `first` (default len(store)), or None if no
+    chunk; documents read; skip report; cleaning counts). Also what an evaluation of documents
+    outside the store reads (ratray/retro/evaluate.py, split "val", ids from 0)."""
     cfg = update_corpus_config(store, add)
     skips = SkipReport()
     tok = store.tokenizer
-    tables, n_docs, first = [], 0, len(store)
+    tables, n_docs, first = [], 0, len(store) if first is None else first
     cleaner = Cleaner(cfg)  # the build's cleaning: PII scrubbed, exact duplicates (within the add) removed
     docs_it = cleaner.read(iter_documents(cfg, skips), skips)
     while docs := list(itertools.islice(docs_it, DOC_BATCH)):
@@ -134,10 +137,10 @@ def _chunk_new(store: ChunkStore, add: str | Path):
         texts = [d.text for d in docs]
         if isinstance(tok, WordPieceTokenizer):
             ids, offsets = zip(*tok.encode_batch_offsets(texts))
-            t = chunk_documents(docs, list(ids), [NEW_SPLIT] * len(docs), store.chunk_tokens, tok,
+            t = chunk_documents(docs, list(ids), [split] * len(docs), store.chunk_tokens, tok,
                                 first, skips, list(offsets))
         else:
-            t = chunk_documents(docs, tok.encode_batch(texts), [NEW_SPLIT] * len(docs),
+            t = chunk_documents(docs, tok.encode_batch(texts), [split] * len(docs),
                                 store.chunk_tokens, tok, first, skips)
         if t is not None:
             tables.append(t)

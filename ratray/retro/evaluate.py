@@ -144,25 +144,21 @@ def eval_corpus_store(wd: Workdir, run: Loaded, store, path: str):
     (reused while the files and the run's store are unchanged). Returns (store, skip report)."""
     import pyarrow.parquet as pq
 
-    from ratray.data.chunks import chunk_documents
-    from ratray.data.corpus import CorpusError, SkipReport, corpus_fingerprint, iter_documents
+    from ratray.data.append import chunk_new_documents, update_corpus_config
+    from ratray.data.corpus import CorpusError, corpus_fingerprint
     from ratray.data.store import STORE_VERSION, ChunkStore
 
     if not Path(path).exists():
         raise ConfigError(f"--eval-corpus {path}: no such file or folder")
-    cfg = dataclasses.replace(run.job.corpus, path=str(Path(path).resolve()), versions=0,
-                              max_docs=None, max_bytes=None)
+    cfg = update_corpus_config(store, Path(path).resolve())  # the store's readers and cleaning
     key = hashlib.sha256(f"{corpus_fingerprint(cfg)}|{store.key}".encode()).hexdigest()[:16]
     out = wd.run_eval(run.name) / "corpora" / key
     if (out / "meta.json").is_file():
         return ChunkStore.open(out), json.loads((out / "meta.json").read_text())["skips"]
-    skips, docs = SkipReport(), []
     try:
-        docs = list(iter_documents(cfg, skips))
+        table, n_read, skips, cleaned = chunk_new_documents(store, Path(path).resolve(), "val", 0)
     except CorpusError as e:
         raise ConfigError(f"--eval-corpus {path}: {e}") from None
-    table = chunk_documents(docs, store.tokenizer.encode_batch([d.text for d in docs]),
-                            ["val"] * len(docs), store.chunk_tokens, store.tokenizer, 0, skips)
     if table is None:
         raise ConfigError(f"--eval-corpus {path}: no document has a whole chunk "
                           f"({store.chunk_tokens} tokens); skipped: {skips.counts}")
@@ -177,8 +173,8 @@ def eval_corpus_store(wd: Workdir, run: Loaded, store, path: str):
             "tokenizer": {"kind": store.tokenizer_kind, "from_store": store.key},
             "counts": {"chunks": {"total": n, "train": 0, "val": n, "db": 0},
                        "documents": len(set(table.column("doc_id").to_pylist())),
-                       "documents_read": len(docs)},
-            "skips": skips.as_dict()}
+                       "documents_read": n_read},
+            "skips": skips.as_dict(), "clean": cleaned}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
