@@ -153,3 +153,34 @@ def test_chunk_vectors_are_written_beside_another_writers_temp_file(env, small_w
     path = ensure_chunk_vectors(store, cfg.embed, w.embeddings, tmp_path, progress=False)
     assert path == final and np.array_equal(np.load(path), np.load(vectors.path))
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([final.name, final.name[:-4] + ".tmp.npy"])
+
+
+def test_hybrid_neighbours_are_the_fused_lists_after_the_leakage_filter(env):
+    """index.hybrid=rrf: each chunk's first candidates are the dense and BM25 lists of its text
+    fused, then filtered like dense ones; the table is kept apart from the dense one; the mode
+    needs precomputed retrieval."""
+    from ratray.config import ConfigError, IndexConfig, load_config
+    from ratray.index.filtered import first_request
+    from ratray.retro.config import RetroJobConfig
+
+    store, index, vectors = env
+    cfg = IndexConfig(hybrid="rrf")
+    dense = precompute_neighbours(store, index, "val", L, K, vectors, progress=False)
+    tab = precompute_neighbours(store, index, "val", L, K, vectors, progress=False, hybrid=cfg)
+    assert tab.path != dense.path and not tab.reused
+    docs = DocCodes(store)
+    live = tab.layout >= 0
+    seq_docs = docs.of(tab.layout)
+    assert not (docs.of(tab.ids)[:, :, :, None] == seq_docs[:, None, None, :]).any(-1)[live].any()
+    flat = tab.layout.reshape(-1)
+    rows = np.flatnonzero(flat >= 0)[:16]
+    excl = excluded_docs(tab.layout, docs)[rows]
+    q = vectors[flat[rows]]
+    K0 = first_request(index.ntotal, K, docs.excluded_chunks(excl))
+    fused = index.hybrid_search(q, store.texts(flat[rows]), K0, cfg)
+    want, _, short = filter_candidates(fused.ids, fused.distances, excl, docs, K)
+    got = tab.ids.reshape(-1, K)[rows]
+    assert np.array_equal(got[~short], want[~short])
+    assert not np.array_equal(tab.ids[live], dense.ids[live])  # BM25 changes some neighbours
+    with pytest.raises(ConfigError, match="index.hybrid"):
+        load_config(RetroJobConfig, None, ["index.hybrid=rrf", "train.retrieval=online"])

@@ -132,4 +132,8 @@ class RetroJobConfig(BuildConfig):
             check(self.model.zero_init_cca, "init_from",
                   "needs model.zero_init_cca=true (the CCA starts at zero: step 0 equals the baseline)")
             check(self.init_from != self.train.run_name, "init_from", "must name another run")
+        if self.index.hybrid != "off":  # fused lists need each query's text: a table made ahead
+            check(self.train.retrieval == "precomputed", "index.hybrid",
+                  f"{self.index.hybrid} (dense + BM25) needs train.retrieval=precomputed; online "
+                  "retrieval searches dense vectors only")
         self.model = replace(self.model, model=self.model_type)

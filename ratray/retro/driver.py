@@ -131,7 +131,8 @@ def run(job: RetroJobConfig, progress: bool = True) -> dict:
         index = ShardedIndex.launch(str(prep.index_dir), svc)
         splits = ["val"] + (["train"] if t.retrieval == "precomputed" else [])
         for split in splits:
-            tab = precompute_neighbours(store, index, split, l, mcfg.k, vectors, progress=progress)
+            tab = precompute_neighbours(store, index, split, l, mcfg.k, vectors, progress=progress,
+                                        hybrid=job.index)  # index.hybrid: dense + BM25 fused
             out = prep.run_dir / f"{split}_neighbours.npy"
             np.save(out, tab.ids)
             paths[f"{split}_neighbours"] = str(out)

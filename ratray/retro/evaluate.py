@@ -181,15 +181,20 @@ def eval_corpus_store(wd: Workdir, run: Loaded, store, path: str):
     return ChunkStore.open(out), meta["skips"]
 
 
-def search_rows(index, queries: np.ndarray, exclude: np.ndarray, docs, k: int,
-                batch: int = 512) -> np.ndarray:
-    """(q, d) query vectors, (q, E) excluded doc codes → (q, k) admissible neighbour ids."""
-    from ratray.index.filtered import search_filtered
+def search_rows(index, queries: np.ndarray, exclude: np.ndarray, docs, k: int, texts: list[str],
+                hybrid, batch: int = 512) -> np.ndarray:
+    """(q, d) query vectors, (q, E) excluded doc codes → (q, k) admissible neighbour ids; the
+    first candidates fused with BM25 over `texts` when `hybrid.hybrid` is rrf | weighted."""
+    from ratray.index.filtered import first_request, search_filtered
 
     ids = np.full((len(queries), k), -1, np.int64)
     for s in range(0, len(queries), batch):
-        ids[s: s + batch], _ = search_filtered(index, queries[s: s + batch], exclude[s: s + batch],
-                                               docs, k)
+        q, ex = queries[s: s + batch], exclude[s: s + batch]
+        first = None
+        if hybrid.hybrid != "off":
+            K = first_request(index.ntotal, k, docs.excluded_chunks(ex))
+            first = index.hybrid_search(q, texts[s: s + batch], K, hybrid)
+        ids[s: s + batch], _ = search_filtered(index, q, ex, docs, k, first=first)
     return ids
 
 
@@ -255,7 +260,8 @@ def evaluate(workdir: str, run_name: str, compare: tuple[str, ...] = (),
             if source is store:
                 vectors = ChunkVectors(ensure_chunk_vectors(store, run.job.embed, wd.embeddings,
                                                             wd.vectors, progress))
-                on_ids, _ = search_layout(store, index, layout, run.cfg.k, vectors, progress=progress)
+                on_ids, _ = search_layout(store, index, layout, run.cfg.k, vectors, progress=progress,
+                                          hybrid=run.job.index)
             else:  # the evaluated documents' own vectors; exclusion by document id
                 vectors = ChunkVectors(ensure_chunk_vectors(source, run.job.embed, wd.embeddings,
                                                             source.path, progress))
@@ -265,7 +271,8 @@ def evaluate(workdir: str, run_name: str, compare: tuple[str, ...] = (),
                 flat, excl = layout.reshape(-1), np.repeat(seq_docs, l, axis=0)
                 live = np.flatnonzero(flat >= 0)
                 on_ids = np.full((len(flat), run.cfg.k), -1, np.int64)
-                on_ids[live] = search_rows(index, vectors[flat[live]], excl[live], docs, run.cfg.k)
+                on_ids[live] = search_rows(index, vectors[flat[live]], excl[live], docs, run.cfg.k,
+                                           source.texts(flat[live]), run.job.index)
                 on_ids = on_ids.reshape(*layout.shape, run.cfg.k)
         finally:
             if owned:

@@ -53,12 +53,14 @@ class Retrieved:
 
 class Retriever:
     """Chunk tokens → neighbours: embed the chunk's text, search the index (`ShardedIndex`, or
-    anything with `search(q, k)` → SearchResult), read [N, F] from the chunk store."""
+    anything with `search(q, k)` → SearchResult), read [N, F] from the chunk store. `hybrid` (the
+    run's IndexConfig, `hybrid` rrf | weighted): the dense and BM25 lists of the text fused."""
 
-    def __init__(self, index, store, encoder, k: int, batch_size: int = 32):
+    def __init__(self, index, store, encoder, k: int, batch_size: int = 32, hybrid=None):
         if k < 1:
             raise ConfigError(f"neighbours: k must be >= 1, got {k}")
         self.index, self.store, self.encoder, self.k, self.batch_size = index, store, encoder, k, batch_size
+        self.hybrid = hybrid if hybrid is not None and hybrid.hybrid != "off" else None
         self.searches, self.seconds = 0, 0.0  # searches made, time spent embedding + searching
 
     def text(self, tokens: list[int]) -> str:
@@ -70,7 +72,8 @@ class Retriever:
         t0 = time.perf_counter()
         text = self.text(tokens)
         q = encode(self.encoder, [text], self.batch_size)  # (1, dim)
-        res = self.index.search(q, self.k)  # the serving version, now
+        res = (self.index.search(q, self.k) if self.hybrid is None  # the serving version, now
+               else self.index.hybrid_search(q, [text], self.k, self.hybrid))
         self.searches, self.seconds = self.searches + 1, self.seconds + time.perf_counter() - t0
         ids = np.asarray(res.ids[0], np.int64)  # (k,)
         nb = torch.from_numpy(self.store.with_continuation(ids).astype(np.int64))  # (k, 2m)
@@ -275,7 +278,7 @@ def generate_run(workdir: str, run_name: str, prompt: str, settings: GenerateSet
             if k > index.ntotal:
                 raise ConfigError(f"--neighbours {k}: the database holds {index.ntotal} chunks")
             encoder = load_encoder(job.embed.model, job.embed.device, job.embed.threads_per_actor)
-            retriever = Retriever(index, store, encoder, k, job.embed.batch_size)
+            retriever = Retriever(index, store, encoder, k, job.embed.batch_size, job.index)
         g = generate(run.model, ids, s.max_tokens, retriever, s.temperature, s.top_k, s.seed, s.cache)
     finally:
         if launched:

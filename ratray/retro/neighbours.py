@@ -112,8 +112,12 @@ class NeighbourTable:
     reused: bool = False
 
 
-def _table_path(store: ChunkStore, index_manifest, split: str, seq_chunks: int, k: int) -> Path:
+def _table_path(store: ChunkStore, index_manifest, split: str, seq_chunks: int, k: int,
+                hybrid=None) -> Path:
+    fused = None if hybrid is None or hybrid.hybrid == "off" else [
+        hybrid.hybrid, hybrid.rrf_k, hybrid.hybrid_weight, hybrid.hybrid_depth]
     ident = json.dumps({"index": index_manifest.chunk_store, "factory": index_manifest.factory,
+                        **({"hybrid": fused} if fused else {}),
                         "version": index_manifest.version, "model": index_manifest.embedding_model,
                         "created": index_manifest.created, "nprobe": index_manifest.nprobe,
                         "ef_search": index_manifest.ef_search, "split": split, "l": seq_chunks,
@@ -122,12 +126,25 @@ def _table_path(store: ChunkStore, index_manifest, split: str, seq_chunks: int, 
     return store.path / "neighbours" / f"{split}-l{seq_chunks}-k{k}-{h}.parquet"
 
 
+class _Ready:
+    """A search answered already (a fused hybrid search), read like one in flight."""
+
+    def __init__(self, res):
+        self.res = res
+
+    def result(self):
+        return self.res
+
+
 def search_layout(store: ChunkStore, index, layout: np.ndarray, k: int, vectors: ChunkVectors,
                   batch: int = 1024, progress: bool = True, in_flight: int = 2,
-                  desc: str = "neighbours") -> tuple[np.ndarray, np.ndarray]:
+                  desc: str = "neighbours", hybrid=None) -> tuple[np.ndarray, np.ndarray]:
     """The k admissible neighbours of every chunk slot of `layout` (s, l) → ids (s, l, k), -1 for
     empty slots, and distances. `index`: the shard actors' client, or any object with `ntotal`,
-    `search` and `search_async` (e.g. `ratray.index.search.ExactIndex`); a few searches in flight."""
+    `search` and `search_async` (e.g. `ratray.index.search.ExactIndex`); a few searches in flight.
+    `hybrid` (an IndexConfig with `hybrid` rrf | weighted): the first candidates of each batch are
+    the dense and BM25 lists of the chunks' texts fused (`ShardedIndex.hybrid_search`, one at a
+    time); rows the leakage filter leaves short widen with dense search."""
     from tqdm.auto import tqdm
 
     docs = DocCodes(store)
@@ -145,7 +162,9 @@ def search_layout(store: ChunkStore, index, layout: np.ndarray, k: int, vectors:
                 rows = live[s: s + batch]
                 q = vectors[flat[rows]]
                 K = first_request(index.ntotal, k, n_excl[rows])
-                pending.append((rows, q, index.search_async(q, K)))
+                fused = hybrid is not None and hybrid.hybrid != "off"
+                pending.append((rows, q, _Ready(index.hybrid_search(q, store.texts(flat[rows]), K, hybrid))
+                                if fused else index.search_async(q, K)))
             if len(pending) > in_flight or (s is None and pending):
                 rows, q, fut = pending.pop(0)
                 ids[rows], dist[rows] = search_filtered(index, q, excl[rows], docs, k, first=fut.result())
@@ -155,12 +174,12 @@ def search_layout(store: ChunkStore, index, layout: np.ndarray, k: int, vectors:
 
 def precompute_neighbours(store: ChunkStore, index, split: str, seq_chunks: int, k: int,
                           vectors: ChunkVectors, batch: int = 1024, progress: bool = True,
-                          in_flight: int = 2) -> NeighbourTable:
+                          in_flight: int = 2, hybrid=None) -> NeighbourTable:
     """Search every chunk of `split` once through the shard actors; store and reuse the result."""
     from ratray.index.store import load_manifest, serving_dir
 
     manifest = load_manifest(serving_dir(index.index_dir))  # the version serving (live updates)
-    path = _table_path(store, manifest, split, seq_chunks, k)
+    path = _table_path(store, manifest, split, seq_chunks, k, hybrid)
     layout = sequence_layout(store, split, seq_chunks)
     if path.is_file():
         t = pq.read_table(path)
@@ -169,7 +188,7 @@ def precompute_neighbours(store: ChunkStore, index, split: str, seq_chunks: int,
         return NeighbourTable(layout, ids.reshape(*layout.shape, k), dist.reshape(*layout.shape, k),
                               path, reused=True)
     ids, dist = search_layout(store, index, layout, k, vectors, batch, progress, in_flight,
-                              desc=f"neighbours[{split}]")
+                              desc=f"neighbours[{split}]", hybrid=hybrid)
     flat = layout.reshape(-1)
     ids, dist = ids.reshape(len(flat), k), dist.reshape(len(flat), k)
     path.parent.mkdir(parents=True, exist_ok=True)
