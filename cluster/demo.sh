@@ -15,7 +15,7 @@ started=0
 cleanup() { if [ "$started" = 1 ]; then echo "== stopping the local Ray head"; cluster/local.sh down || true; fi; }
 trap cleanup EXIT
 
-echo "== starting a local Ray head (dashboard and job API on 127.0.0.1:8265, token auth)"
+echo "== starting a local Ray head (GCS on 127.0.0.1:${RATRAY_RAY_PORT:-6390}, not Redis's 6379; job API on 127.0.0.1:8265, token auth)"
 cluster/local.sh up --num-cpus "$(nproc)"
 started=1
 

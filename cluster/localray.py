@@ -1,6 +1,6 @@
 """A local single-node Ray head for `make demo` and the README: start it, submit jobs, stop it.
 
-    cluster/local.sh up [--num-cpus 2] [--port 6379] [--dashboard-port 8265]
+    cluster/local.sh up [--num-cpus 2] [--port 6390] [--dashboard-port 8265] [--gcs-ft]
     cluster/local.sh submit [--working-dir .] [--no-wait] -- python jobs/x.py --flag
     cluster/local.sh status | env | logs JOB_ID | down
     (cluster/local.sh runs this file with .venv/bin/python; it is tooling, not part of the
@@ -76,7 +76,9 @@ from typing import Any
 
 MARKER_ENV = "RATRAY_LOCAL_RAY"
 STATE_FILE = "ratray_head.json"
-DEFAULT_PORT = 6379
+# Ray's own default GCS port 6379 is Redis's port: the project's machines run Redis there (and the
+# GCS fault-tolerance option stores the head's state in it), so the local head defaults to 6390.
+DEFAULT_PORT = 6390
 DEFAULT_DASHBOARD_PORT = 8265
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 # Ray puts sockets at <temp_dir>/session_<date>_<time>_<us>_<pid>/sockets/plasma_store and AF_UNIX

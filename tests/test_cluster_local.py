@@ -70,6 +70,29 @@ def test_local_sh_runs_the_cli_and_reports_a_head_that_is_not_up(tmp_path):
     assert r.returncode == 2 and "invalid choice: 'start'" in r.stderr, r.stderr
 
 
+def test_default_head_port_is_not_redis_port(tmp_path):
+    """Ray's default GCS port 6379 is Redis's: `cluster/local.sh status` with no port chosen reports
+    the head's default 6390, and `up` on a port something already holds (Redis, when it runs here)
+    is refused in one line before anything starts."""
+    assert localray.DEFAULT_PORT == 6390
+    env = {k: v for k, v in os.environ.items() if k != "RATRAY_RAY_PORT"}
+    env.update(PYTHON=sys.executable, HOME=str(tmp_path))
+    r = subprocess.run([str(ROOT / "cluster" / "local.sh"), "status"], env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert json.loads(r.stdout)["port"] == 6390, r.stdout + r.stderr
+    busy = 6379 if port_busy(6379) else None
+    if busy is None:
+        import socket
+        holder = socket.socket()
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        busy = holder.getsockname()[1]
+    lr = LocalRay(port=busy, temp_dir=tmp_path / "busy", extra_env={"HOME": str(tmp_path)})
+    with pytest.raises(localray.ClusterError, match=rf"port {busy} \(GCS --port\) is already in use"):
+        lr.up(num_cpus=1)
+    assert not (tmp_path / "busy").exists()
+
+
 def _foreign(path: Path, monkeypatch) -> None:
     """Make `path` belong to another user: chown to nobody where we may (root), else make this
     process look like another user to the check."""
