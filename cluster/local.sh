@@ -7,6 +7,7 @@
 #   cluster/local.sh logs JOB_ID
 #   eval "$(cluster/local.sh env)"     # RAY_ADDRESS / RAY_AUTH_MODE for plain `ray job ...` commands
 #   cluster/local.sh down              # stops only this head (never `ray stop`, which stops every Ray)
+#   cluster/local.sh mlflow up|status|down [--port 5050] [--drop-database]  # MLflow on PostgreSQL
 #
 # The head always runs with Ray token auth (a token is generated in ~/.ray/auth_token if missing)
 # and listens on 127.0.0.1 only; its state folder /tmp/ratray-ray-<port> must be yours and not
@@ -20,9 +21,13 @@ if [[ ! -x "$PY" ]]; then
   exit 2
 fi
 if [[ $# -lt 1 ]]; then
-  sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
   exit 2
 fi
 export RAY_USAGE_STATS_ENABLED="${RAY_USAGE_STATS_ENABLED:-0}"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # the head's processes import ratray from here
+if [[ "$1" == "mlflow" ]]; then  # the MLflow tracking server on PostgreSQL (cluster/mlflowserver.py)
+  shift
+  exec "$PY" "$ROOT/cluster/mlflowserver.py" "$@"
+fi
 exec "$PY" "$ROOT/cluster/localray.py" "$@"
