@@ -157,7 +157,8 @@ def test_loss_is_the_mean_negative_marginal_log_likelihood(partial_candidates):
 
 
 def test_score_gradient_is_realms_posterior_minus_prior():
-    """d(-log p(y|x))/d s_z = p(z|x) - p(z|x,y) (REALM eq. 4, up to the per-token normaliser)."""
+    """d(-log p(y|x))/d s_z = p(z|x) - p(z|x,y) (REALM eq. 4, up to the per-token normaliser), for
+    the retrieved blocks' scores and for the null document's learned logit alike."""
     torch.manual_seed(1)
     cfg = tiny(k=4)
     model = Realm(cfg)
@@ -184,7 +185,8 @@ def test_score_gradient_is_realms_posterior_minus_prior():
     out["loss"].backward()
     prior = out["log_pz"].exp()
     post = torch.softmax(out["log_pz"] + out["logp_yz"], 1)
-    torch.testing.assert_close(grads["s"].grad * 2, prior - post, atol=1e-5, rtol=1e-4)  # 2 masked tokens
+    torch.testing.assert_close(grads["s"].grad * 2, (prior - post)[:, :-1], atol=1e-5, rtol=1e-4)  # 2 masked
+    torch.testing.assert_close(model.null_bias.grad * 2, (prior - post)[:, -1].sum(), atol=1e-5, rtol=1e-4)
 
 
 def _copy_batch(rng: np.random.Generator, cfg: RealmConfig, b: int):

@@ -35,6 +35,9 @@ class RealmConfig:
     reader_layers: int = 6  # layers of the knowledge-augmented encoder
     proj_dim: int = 128  # p: retrieval embedding width (REALM: 128)
     score_scale: float = 16.0  # initial e_x·e_z ≈ score_scale · cosine (an inverse temperature)
+    # the null document's learned logit starts at null_init above the log-mean-exp of the retrieved
+    # scores: p(∅|x) = 1/(1 + (k-1)·e^{-null_init}) at step 0 (0: 1/k), whatever the score scale
+    null_init: float = 0.0
     k: int = 8  # candidates per query, including the null document (REALM: 8)
     query_tokens: int = 64  # q: wordpieces of a masked query
     # t: wordpieces of a knowledge block; None in a job config: the chunk store's chunks.chunk_tokens

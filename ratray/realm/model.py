@@ -23,9 +23,17 @@ Design (documented once, here):
   like the frozen sentence-BERT; REALM's [CLS] pooling would start from an untrained readout. W
   (p×d, no bias) starts as the same random orthogonal map in both towers, scaled so that
   e_x · e_z ≈ score_scale · cos(x, z); the two towers then train apart.
-- The null document ∅ is the doc tower's embedding of an empty block ([CLS] [SEP]); the reader
-  sees [CLS] x [SEP] [SEP] for it. ∅ is always candidate k-1; retrieved candidates that are
-  missing (fewer than k-1 after filtering) are masked out of p(z|x).
+- The null document ∅ has a learned logit, not an embedding: s_∅ = sg(log-mean-exp of the valid
+  retrieved scores) + null_bias + e_x · null_query (sg: no gradient). With null_bias =
+  `null_init` (0) and null_query = 0 at step 0, p(∅|x) = 1/(1 + (n-1)e^{-null_init}) for n valid
+  candidates (1/k when all are there) whatever the scale of the tower scores, so its path is
+  trained from the start and p(∅|x) moves only as far as the marginal likelihood asks (the
+  embedded empty block of the first version scored ~1-2 against 5-10: p(∅|x) ≈ 0.005, untrained).
+  null_query lets p(∅|x) depend on the query. The reader sees [CLS] x [SEP] [SEP] for ∅. ∅ is
+  always candidate k-1; retrieved candidates that are missing (fewer than k-1 after filtering)
+  are masked out of p(z|x).
+- `train_towers = False` (the worker's reader warm-up, job `freeze_towers_steps`) runs both
+  towers without autograd: no gradient, no backward through them; the optimizer is told lr = 0.
 - p(y|z,x) = Π over the masked slots of p(y_j | z, x): the masked tokens are predicted jointly,
   so the gradient on s_z is p(z|x) [p(y|z,x)/p(y|x) - 1] (REALM eq. 4): retrievals that raise the
   likelihood of the masked tokens are reinforced, through both towers.
@@ -35,6 +43,7 @@ Design (documented once, here):
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -191,6 +200,9 @@ class Realm(nn.Module):
         self.mlm_dense = nn.Linear(d, d)
         self.mlm_ln = nn.LayerNorm(d, eps=cfg.ln_eps)
         self.mlm_bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+        self.null_bias = nn.Parameter(torch.tensor(float(cfg.null_init)))  # the null logit's offset
+        self.null_query = nn.Parameter(torch.zeros(cfg.proj_dim))  # its query-dependent part
+        self.train_towers = True
         self.apply(self._init)
         proj = torch.empty(cfg.proj_dim, d)
         # rows (or columns) orthonormal: inner products kept on average. Seeded from the config,
@@ -262,13 +274,16 @@ class Realm(nn.Module):
             valid = torch.ones(b, k1, dtype=torch.bool, device=blocks.device)
 
         # retriever: p(z|x) over k-1 blocks and ∅, scored by the current towers
-        e_x = self.embed_queries(query)  # (b p)
-        empty = torch.full((1, 1), cfg.pad_id, dtype=blocks.dtype, device=blocks.device)
-        e_z = self.embed_docs(torch.cat([blocks.reshape(b * k1, t), empty.expand(1, t)]))  # (b*k1+1 p)
-        e_docs = torch.cat([e_z[:-1].view(b, k1, -1), e_z[-1:].expand(b, 1, -1)], 1)  # (b k p)
-        scores = torch.einsum("bp,bkp->bk", e_x, e_docs)
+        with contextlib.nullcontext() if self.train_towers else torch.no_grad():
+            e_x = self.embed_queries(query)  # (b p)
+            e_z = self.embed_docs(blocks.reshape(b * k1, t)).view(b, k1, -1)  # (b k-1 p)
+        s_z = torch.einsum("bp,bkp->bk", e_x, e_z).float().masked_fill(~valid, float("-inf"))
+        n_valid = valid.sum(1, keepdim=True)
+        ref = (torch.logsumexp(s_z, 1, keepdim=True) - torch.log(n_valid.clamp(min=1).float()))
+        ref = torch.where(n_valid > 0, ref, torch.zeros_like(ref)).detach()  # (b 1)
+        s_null = ref + self.null_bias + e_x.float() @ self.null_query[:, None]  # (b 1)
         keep = torch.cat([valid, torch.ones(b, 1, dtype=torch.bool, device=valid.device)], 1)
-        log_pz = torch.log_softmax(scores.float().masked_fill(~keep, float("-inf")), -1)  # (b k)
+        log_pz = torch.log_softmax(torch.cat([s_z, s_null], 1), -1)  # (b k)
 
         # reader: log p(y_j | z, x) at the masked slots
         all_blocks = torch.cat([blocks, torch.full((b, 1, t), cfg.pad_id, dtype=blocks.dtype,
@@ -311,18 +326,24 @@ def masked_slots(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
 
 @torch.no_grad()
 def _stats(log_pz, logp_tok, logp_yz, targets, slot_ok, keep) -> dict[str, torch.Tensor]:
-    """Sums over this batch (the trainer all-reduces and divides):
+    """Sums over this batch (the trainer all-reduces and divides), and `rows`, the same per query
+    (b,) for the held-out intervals:
     correct_retrieval / correct_null: masked tokens whose argmax under the marginal
         p(y_j|x) = Σ_z p(z|x) p(y_j|z,x), resp. under p(y_j|∅,x) alone, is right;
+    exact_retrieval / exact_null: queries whose masked tokens are ALL right (span exact match);
     masked: masked tokens; queries: rows;
     utility: Σ_rows Σ_{z≠∅} p(z|x) [log p(y|z,x) - log p(y|∅,x)] (REALM's retrieval utility,
         weighted by the retriever); p_null: Σ_rows p(∅|x); nll_null: -Σ log p(y|∅,x)."""
     pz = log_pz.exp()  # (b k)
     marg = torch.logsumexp(log_pz[:, :, None, None] + logp_tok, 1)  # (b M V)
     ok = slot_ok.bool()
-    right = marg.argmax(-1) == targets
-    right_null = logp_tok[:, -1].argmax(-1) == targets
+    right = (marg.argmax(-1) == targets) & ok  # (b M)
+    right_null = (logp_tok[:, -1].argmax(-1) == targets) & ok
     ru = (pz[:, :-1] * (logp_yz[:, :-1] - logp_yz[:, -1:])).masked_fill(~keep[:, :-1], 0).sum(1)
-    return {"correct_retrieval": (right & ok).sum().float(), "correct_null": (right_null & ok).sum().float(),
-            "masked": ok.sum().float(), "queries": torch.tensor(float(len(pz))),
-            "utility": ru.sum(), "p_null": pz[:, -1].sum(), "nll_null": -logp_yz[:, -1].sum()}
+    n = ok.sum(1)
+    rows = {"correct_retrieval": right.sum(1).float(), "correct_null": right_null.sum(1).float(),
+            "exact_retrieval": ((right.sum(1) == n) & (n > 0)).float(),
+            "exact_null": ((right_null.sum(1) == n) & (n > 0)).float(),
+            "masked": n.float(), "queries": pz.new_ones(len(pz)), "utility": ru,
+            "p_null": pz[:, -1], "nll_null": -logp_yz[:, -1]}
+    return {**{k: v.sum() for k, v in rows.items()}, "rows": rows}
