@@ -1,0 +1,130 @@
+"""A multi-node Ray cluster on this host, as the KubeRay manifests shape it; run by test_multinode.
+
+    python tests/multinode_cluster.py WORKDIR   → one JSON line of observations on stdout
+
+Its own process because a `ray.cluster_utils.Cluster` needs its own Ray (the pytest session
+already runs one). The cluster mirrors k8s/base/ray: a head with no CPUs (job driver, GCS), a
+train node (CPUs, no index_node), two index nodes (no CPUs, `index_node: 2` = two shard slots
+each). Flow:
+
+    build a 2-shard Flat index of synthetic vectors in WORKDIR (the "shared volume")
+    ─ ShardedIndex.launch(service.resources={"index_node": 1}) ─ where did the actors land?
+    ─ CPU tasks: where did they land? ─ search (the reference answer)
+    ─ a thread searches non-stop; remove the index node holding shard 0 (its raylet and workers
+      killed) ─ wait until every shard answers again ─ where are they now? searches lost?
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import ray  # noqa: E402
+import ray._private.state as ray_state  # noqa: E402  (actor → node via the GCS, no dashboard)
+from ray.cluster_utils import Cluster  # noqa: E402
+
+from ratray.config import IndexConfig, ServiceConfig  # noqa: E402
+from ratray.index.build import build_index  # noqa: E402
+from ratray.index.service import ShardedIndex  # noqa: E402
+
+N, DIM, K = 2000, 32, 5
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def actor_nodes(name: str) -> dict[int, str]:
+    """Shard number → node id of its live actor process."""
+    out = {}
+    for a in ray_state.actors().values():
+        if a.get("Name", "").startswith(f"{name}-shard-") and a.get("State") == "ALIVE":
+            out[int(a["Name"].rsplit("-", 1)[1])] = a["Address"]["NodeID"]
+    return out
+
+
+@ray.remote(num_cpus=1)
+def where() -> str:
+    time.sleep(0.2)  # keep the slot a moment so several tasks run at once
+    return ray.get_runtime_context().get_node_id()
+
+
+def main(workdir: Path) -> dict:
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((N + 16, DIM)).astype(np.float32)  # (n + q, d)
+    queries = vectors[N:]
+    build_index(vectors[:N], np.arange(N, dtype=np.int64), workdir / "index",
+                IndexConfig(factory="Flat", shards=2), embedding_model="synthetic")
+    system = {"health_check_period_ms": 500, "health_check_failure_threshold": 4}
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "gcs_server_port": free_port(), "include_dashboard": False,
+        "dashboard_port": free_port(), "_system_config": system})
+    train = cluster.add_node(num_cpus=2, resources={"train_node": 1})
+    index_nodes = [cluster.add_node(num_cpus=0, resources={"index_node": 2})
+                   for _ in range(2)]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, namespace="ratray-multinode", log_to_driver=False)
+    ids = {"head": cluster.head_node.node_id, "train": train.node_id,
+           "index": [n.node_id for n in index_nodes]}
+    out: dict = {"nodes": ids}
+    svc = ServiceConfig(name="mn", namespace="ratray-multinode", resources={"index_node": 1},
+                        timeout_s=90)
+    index = ShardedIndex.launch(str(workdir / "index"), svc)
+    try:
+        before = actor_nodes("mn")
+        out["shards_before"] = before
+        out["cpu_tasks"] = ray.get([where.remote() for _ in range(6)])
+        ref = index.search(queries, K)
+        out["pids_before"] = [inf["pid"] for inf in index.info()]
+
+        answers, failures, stop = [], [], threading.Event()
+
+        def hammer():
+            while not stop.is_set():
+                try:
+                    answers.append(bool(np.array_equal(index.search(queries, K).ids, ref.ids)))
+                except Exception as e:  # noqa: BLE001  (counted and reported, never hidden)
+                    failures.append(f"{type(e).__name__}: {e}"[:300])
+
+        t = threading.Thread(target=hammer, daemon=True)
+        t.start()
+        time.sleep(0.5)
+        victim = next(n for n in index_nodes if n.node_id == before[0])
+        t0 = time.perf_counter()
+        cluster.remove_node(victim)
+        out["removed"] = victim.node_id
+        answered_before = len(answers)
+        deadline = time.time() + 90
+        while time.time() < deadline:  # every shard back (and the searches answering after it)
+            after = actor_nodes("mn")
+            if len(after) == 2 and victim.node_id not in after.values() \
+                    and len(answers) > answered_before + 3:
+                break
+            time.sleep(0.5)
+        out["recovery_s"] = round(time.perf_counter() - t0, 2)
+        stop.set()
+        t.join(timeout=60)
+        out["shards_after"] = actor_nodes("mn")
+        out["pids_after"] = [inf["pid"] for inf in index.info()]
+        out["answers"], out["answers_equal"] = len(answers), sum(answers)
+        out["answers_after_removal"] = len(answers) - answered_before
+        out["failures"] = failures
+        out["final_equal"] = bool(np.array_equal(index.search(queries, K).ids, ref.ids))
+    finally:
+        index.shutdown()
+        ray.shutdown()
+        cluster.shutdown()
+    return out
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(Path(sys.argv[1]))))

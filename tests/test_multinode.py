@@ -1,0 +1,59 @@
+"""A multi-node Ray cluster on one host (ray.cluster_utils.Cluster), shaped like the KubeRay
+manifests: shard actors on index nodes only, and losing an index node loses no search.
+
+The cluster runs in a child process (tests/multinode_cluster.py: this session's pytest already
+holds a local Ray) with its own RAY_TMPDIR, so neither Ray sees the other; one run serves every
+test here. `make cluster-test` runs just this file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow  # one cluster run: ~30-45 s on 2 busy cores
+
+SCRIPT = Path(__file__).with_name("multinode_cluster.py")
+
+
+@pytest.fixture(scope="module")
+def observed(tmp_path_factory):
+    """The child's observations (see multinode_cluster.py for the flow)."""
+    ray_tmp = tempfile.mkdtemp(prefix="rtmn")  # short: Ray's unix socket paths have a length limit
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
+    env.update(RAY_TMPDIR=ray_tmp, RAY_USAGE_STATS_ENABLED="0", OMP_WAIT_POLICY="PASSIVE")
+    try:
+        out = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path_factory.mktemp("mn"))],
+                             capture_output=True, text=True, env=env, timeout=300)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert out.returncode == 0, f"cluster run failed:\n{out.stderr[-4000:]}"
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_shard_actors_land_only_on_index_nodes_and_cpu_work_never_does(observed):
+    nodes = observed["nodes"]
+    assert sorted(observed["shards_before"]) == ["0", "1"]
+    assert set(observed["shards_before"].values()) <= set(nodes["index"])
+    # the head and the index nodes advertise no CPUs: every CPU task runs on the train node
+    assert set(observed["cpu_tasks"]) == {nodes["train"]}
+
+
+def test_losing_an_index_node_restarts_its_shards_on_the_survivor_and_no_search_fails(observed):
+    nodes, removed = observed["nodes"], observed["removed"]
+    survivor = next(n for n in nodes["index"] if n != removed)
+    assert removed == observed["shards_before"]["0"]
+    # both shards now live on the surviving index node, in new processes loaded from the files
+    assert set(observed["shards_after"].values()) == {survivor}
+    assert set(observed["pids_after"]).isdisjoint(observed["pids_before"])
+    # searches went on through the loss: none failed, every answer equals the one before it
+    assert observed["failures"] == []
+    assert observed["answers_after_removal"] > 0
+    assert observed["answers_equal"] == observed["answers"]
+    assert observed["final_equal"] is True
