@@ -15,7 +15,8 @@ SMALL_REALM = ["chunks.tokenizer=wordpiece", "chunks.chunk_tokens=32", "corpus.m
                "model.retriever_layers=1", "model.reader_layers=1", "model.query_tokens=16", "model.k=3",
                "train.steps=4", "train.micro_batch=4", "train.num_workers=2", "train.warmup_steps=1",
                "train.lr=1e-4", "train.log_every=2", "train.checkpoint_every=2", "refresh.every=2",
-               "eval_queries=16", "train.run_name=realm-test"]
+               "eval_queries=16", "train.run_name=realm-test",
+               "freeze_towers_steps=1"]  # step 0 trains the reader alone (ZeRO with tower grads None)
 
 
 def test_realm_job_config_is_valid_with_its_own_defaults():

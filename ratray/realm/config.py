@@ -101,6 +101,14 @@ class RealmJobConfig(BuildConfig):
     # from scratch and needs a high rate; towers that move as fast collapse p(z|x) onto the null
     # document before the reader has learned to read a block)
     tower_lr_scale: float = 0.1
+    # reader warm-up: for the first freeze_towers_steps optimizer steps both towers are frozen (no
+    # gradient, learning rate 0, no index refresh: the index stays v1) while the reader, its MLM
+    # head and the null logit learn to read blocks; then the towers train at tower_lr_scale. 0 = never
+    freeze_towers_steps: int = 0
+    # true: the corpus is the interpreter's own facts (ratray/realm/knowledge.py: HTTP statuses,
+    # errno, Unicode names, codec aliases; one block per fact, asks held out by fact), written to
+    # <workdir>/knowledge/facts.jsonl with corpus.val_fraction and corpus.seed; corpus.path unset
+    knowledge: bool = False
     experiment: str = "ratray-realm"  # MLflow experiment
 
     def __post_init__(self) -> None:
@@ -116,6 +124,12 @@ class RealmJobConfig(BuildConfig):
               f"{self.chunks.chunk_tokens} + 3) must fit model.max_positions={self.model.max_positions}")
         check(self.eval_queries >= 0, "eval_queries", "must be >= 0")
         check(self.tower_lr_scale > 0, "tower_lr_scale", "must be > 0")
+        check(self.freeze_towers_steps >= 0, "freeze_towers_steps", "must be >= 0")
+        if self.knowledge:
+            check(self.corpus.path is None, "corpus.path",
+                  "knowledge=true writes its own corpus: leave corpus.path unset")
+            check(0.0 < self.corpus.val_fraction < 1.0, "corpus.val_fraction",
+                  "knowledge=true holds facts out: must be in (0, 1)")
 
     def model_for(self, tokenizer, chunk_tokens: int) -> RealmConfig:
         """The model config completed with the chunk store's vocabulary, special ids and t."""

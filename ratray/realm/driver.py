@@ -73,6 +73,18 @@ class Prepared:
     index_root: Path
 
 
+def with_knowledge(job: RealmJobConfig) -> RealmJobConfig:
+    """knowledge=true: write the interpreter's facts (same tables, same bytes: a rerun reuses the
+    chunk store) and read them as the corpus."""
+    if not job.knowledge:
+        return job
+    from ratray.realm.knowledge import write_corpus
+
+    path = Workdir(job.workdir).root / "knowledge" / "facts.jsonl"
+    write_corpus(path, job.corpus.val_fraction, job.corpus.seed)
+    return dataclasses.replace(job, corpus=dataclasses.replace(job.corpus, path=str(path), format="jsonl"))
+
+
 def resolve(job: RealmJobConfig, progress: bool = True) -> Prepared:
     """Build (or reuse) the wordpiece chunk store and resolve the model; ConfigError on mismatch."""
     from ratray.data.chunks import build_chunk_store
@@ -113,12 +125,13 @@ def run(job: RealmJobConfig, progress: bool = True) -> dict:
 
     from ratray.index.refresh import launch_refresh_service, put_weights
     from ratray.index.service import ShardedIndex
+    from ratray.realm.heldout import report_lines
     from ratray.realm.model import Realm
     from ratray.realm.worker import train_loop
     from ratray.train.trainer import make_trainer, write_summary
 
     t0 = time.perf_counter()
-    job = dataclasses.replace(job, workdir=str(Workdir(job.workdir).root))  # workers share paths
+    job = with_knowledge(dataclasses.replace(job, workdir=str(Workdir(job.workdir).root)))  # shared paths
     if not ray.is_initialized():
         ray.init(namespace=job.service.namespace, log_to_driver=True)
     prep = resolve(job, progress)
@@ -160,6 +173,7 @@ def run(job: RealmJobConfig, progress: bool = True) -> dict:
         "val_acc_retrieval": metrics.get("val_acc_retrieval"),
         "val_acc_null": metrics.get("val_acc_null"),
         "val_retrieval_utility": metrics.get("val_retrieval_utility"),
+        "heldout": report_lines(metrics),
         "refresh": {"every": job.refresh.every, "initial": initial,
                     **{k: status[k] for k in ("serving_version", "serving_step", "requested",
                                               "completed", "failed", "coalesced", "last_error")},

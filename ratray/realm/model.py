@@ -200,7 +200,7 @@ class Realm(nn.Module):
         self.mlm_dense = nn.Linear(d, d)
         self.mlm_ln = nn.LayerNorm(d, eps=cfg.ln_eps)
         self.mlm_bias = nn.Parameter(torch.zeros(cfg.vocab_size))
-        self.null_bias = nn.Parameter(torch.tensor(float(cfg.null_init)))  # the null logit's offset
+        self.null_bias = nn.Parameter(torch.full((1,), float(cfg.null_init)))  # (1,): DeepSpeed broadcasts no 0-d tensor
         self.null_query = nn.Parameter(torch.zeros(cfg.proj_dim))  # its query-dependent part
         self.train_towers = True
         self.apply(self._init)

@@ -22,6 +22,20 @@ from ratray.eval.metrics import REALM_SUMS, realm_rates
 from ratray.realm.config import RealmJobConfig
 from ratray.train.worker import TrainWorker, allreduce_sum
 
+TOWER_GROUPS = (0, 1)  # Realm.param_groups: towers (decay, no decay), then reader (decay, no decay)
+
+
+def hold_towers(model, param_groups: list[dict], frozen: bool) -> None:
+    """The reader warm-up, applied before each optimizer step: frozen → the towers run without
+    autograd (`model.train_towers`) and their groups' learning rate is 0 for this step (the
+    schedule sets it again after the step, so nothing else changes); AdamW with lr 0 leaves a
+    parameter exactly as it was, weight decay included."""
+    model.train_towers = not frozen
+    if frozen:
+        for g in TOWER_GROUPS:
+            param_groups[g]["lr"] = 0.0
+
+
 class Candidates:
     """Retrieval for batches of masked queries: async search, source-document filter, block tokens."""
 
@@ -78,6 +92,8 @@ class RealmWorker(TrainWorker):
 
         from ratray.data.store import ChunkStore
         from ratray.index.service import ShardedIndex
+        from ratray.realm.heldout import scored_queries
+        from ratray.realm.knowledge import gold_blocks
         from ratray.realm.masking import make_queries
         from ratray.realm.model import RealmConfig
 
@@ -96,6 +112,8 @@ class RealmWorker(TrainWorker):
             if self.rank == 0 else None
         self.train_c = Candidates(store, index, train_q, self.mcfg.k, self.mcfg.chunk_tokens)
         self.val_c = Candidates(store, index, val_q, self.mcfg.k, self.mcfg.chunk_tokens)
+        self.val_gold, self.val_cluster = gold_blocks(store, val_q.block_ids)  # (n,) each
+        self.val_scored = scored_queries(val_q.labels, store.tokenizer)  # (n,)
         self.sums = dict.fromkeys(REALM_SUMS, 0.0)
         self.pending = None
         self.restored: dict | None = None
@@ -173,7 +191,12 @@ class RealmWorker(TrainWorker):
     def start(self, step: int) -> None:
         self.pending = self.train_c.request(self.batch_rows(step, 0), self.embed)
 
+    def frozen(self, step: int) -> bool:
+        return step < self.job.freeze_towers_steps
+
     def micro_step(self, step: int, micro: int):
+        self.towers_frozen = self.frozen(step)
+        hold_towers(self.engine.module, self.sched.optimizer.param_groups, self.towers_frozen)
         sel = self.batch_rows(step, micro)
         inputs = self.tensors(sel, self.train_c.collect(self.pending), self.train_c)
         nxt = self.next_micro(step, micro)
@@ -185,14 +208,15 @@ class RealmWorker(TrainWorker):
         return out["loss"]
 
     def after_step(self, done: int) -> None:
-        every = self.job.refresh.every
-        if every and done % every == 0 and done < self.t.steps:
+        every = self.job.refresh.every  # frozen towers: the serving index is already theirs
+        if every and done % every == 0 and done < self.t.steps and done > self.job.freeze_towers_steps:
             self.request_refresh(done)
 
     # -- metrics -------------------------------------------------------------------------------
 
     def lr_metrics(self, lrs: list[float]) -> dict:
-        return {"lr": lrs[2], "lr_towers": lrs[0]}  # groups: towers (2), then reader (2)
+        frozen = getattr(self, "towers_frozen", False)  # the step just taken
+        return {"lr": lrs[2], "lr_towers": 0.0 if frozen else lrs[0], "towers_frozen": float(frozen)}
 
     def interval_metrics(self, n_steps: float, seconds: float) -> dict:
         t = self.t
@@ -222,28 +246,42 @@ class RealmWorker(TrainWorker):
         return out
 
     def evaluate(self) -> dict:
-        """Held-out masked queries, split over the ranks; sums all-reduced."""
+        """Held-out masked queries, split over the ranks; sums and the per-query table (for the
+        intervals, ratray/realm/heldout.py) all-reduced."""
         import torch
 
+        from ratray.realm.heldout import ROW_FIELDS, gold_hits, summarize
+
         t, q = self.t, self.val_c
-        mine = np.arange(len(q.queries))[self.rank::self.world]
+        n = len(q.queries)
+        mine = np.arange(n)[self.rank::self.world]
         sums = dict.fromkeys(REALM_SUMS, 0.0)
+        table = np.zeros((len(ROW_FIELDS), n))  # (F n): this rank's queries filled
         loss_sum = 0.0
         self.engine.eval()
         with torch.no_grad():
             for s in range(0, len(mine), t.micro_batch):
                 sel = mine[s:s + t.micro_batch]
-                out = self.engine(*self.tensors(sel, q.collect(q.request(sel, self.embed)), q))
+                cand = q.collect(q.request(sel, self.embed))
+                out = self.engine(*self.tensors(sel, cand, q))
                 loss_sum += float(out["loss"].detach()) * float(out["masked"])
                 for k in REALM_SUMS:
                     sums[k] += float(out[k])
+                rows = {k: v.float().cpu().numpy() for k, v in out["rows"].items()}
+                rows["gold_known"] = (self.val_gold[sel] >= 0).astype(np.float64)
+                rows["gold_hit"] = gold_hits(cand[0], self.val_gold[sel])
+                for f, name in enumerate(ROW_FIELDS):
+                    table[f, sel] = rows[name]
         self.engine.train()
         tot = dict(zip(REALM_SUMS + ("loss_sum",),
                        allreduce_sum([sums[k] for k in REALM_SUMS] + [loss_sum])))
+        table = np.asarray(allreduce_sum(table.reshape(-1).tolist())).reshape(len(ROW_FIELDS), n)
         out = realm_rates(tot, "val_")
         out["val_loss"] = tot["loss_sum"] / max(tot["masked"], 1.0)
         out["val_queries"] = int(tot["queries"])
         out["val_masked_tokens"] = int(tot["masked"])
+        out.update(summarize(dict(zip(ROW_FIELDS, table)), self.val_cluster, self.val_scored,
+                             self.mcfg.k - 1))
         return out
 
     def client_state(self, metrics: dict) -> dict:
@@ -258,6 +296,9 @@ class RealmWorker(TrainWorker):
                  f"wait {m['retrieval_wait_ms']:.1f} ms" if "retrieval_wait_ms" in m else ""]
         if "val_acc_retrieval" in m:
             parts.append(f"val acc ret {m['val_acc_retrieval']:.4f} / null {m['val_acc_null']:.4f}")
+        if "val_exact_retrieval" in m:
+            parts.append(f"val exact ret {m['val_exact_retrieval']:.4f} / null {m['val_exact_null']:.4f}"
+                         f" | p(∅) {m['val_p_null_mean']:.3f}")
         return "[ratray] " + " | ".join(p for p in parts if p)
 
     def plots(self, out):
