@@ -1,6 +1,6 @@
 """A multi-node Ray cluster on this host, as the KubeRay manifests shape it; run by test_multinode.
 
-    python tests/multinode_cluster.py WORKDIR   → one JSON line of observations on stdout
+    python tests/multinode_cluster.py WORKDIR [--train]   → one JSON line of observations on stdout
 
 Its own process because a `ray.cluster_utils.Cluster` needs its own Ray (the pytest session
 already runs one). The cluster mirrors k8s/base/ray: a head with no CPUs (job driver, GCS), a
@@ -9,7 +9,8 @@ each). Flow:
 
     build a 2-shard Flat index of synthetic vectors in WORKDIR (the "shared volume")
     ─ ShardedIndex.launch(service.resources={"index_node": 1}) ─ where did the actors land?
-    ─ CPU tasks: where did they land? ─ search (the reference answer)
+    ─ CPU tasks (and with --train a 2-worker Ray Train run): where did they land?
+    ─ search (the reference answer)
     ─ a thread searches non-stop; remove the index node holding shard 0 (its raylet and workers
       killed) ─ wait until every shard answers again ─ where are they now? searches lost?
 """
@@ -52,13 +53,35 @@ def actor_nodes(name: str) -> dict[int, str]:
     return out
 
 
+def train_loop(config: dict) -> None:
+    """A Ray Train worker: write down which node it runs on (in the shared folder)."""
+    import ray.train
+
+    rank = ray.train.get_context().get_world_rank()
+    node = ray.get_runtime_context().get_node_id()
+    (Path(config["out"]) / f"rank{rank}.node").write_text(node)
+
+
+def train_worker_nodes(workdir: Path) -> list[str]:
+    """Run a 2-worker TorchTrainer (gloo group, 1 CPU each); the nodes its workers ran on."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    out = workdir / "train_nodes"
+    out.mkdir()
+    TorchTrainer(train_loop, train_loop_config={"out": str(out)},
+                 scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+                 run_config=RunConfig(name="mn", storage_path=str(workdir / "runs"))).fit()
+    return [p.read_text() for p in sorted(out.glob("rank*.node"))]
+
+
 @ray.remote(num_cpus=1)
 def where() -> str:
     time.sleep(0.2)  # keep the slot a moment so several tasks run at once
     return ray.get_runtime_context().get_node_id()
 
 
-def main(workdir: Path) -> dict:
+def main(workdir: Path, train: bool = False) -> dict:
     rng = np.random.default_rng(0)
     vectors = rng.standard_normal((N + 16, DIM)).astype(np.float32)  # (n + q, d)
     queries = vectors[N:]
@@ -83,6 +106,8 @@ def main(workdir: Path) -> dict:
         before = actor_nodes("mn")
         out["shards_before"] = before
         out["cpu_tasks"] = ray.get([where.remote() for _ in range(6)])
+        if train:  # ~40 s more on 2 busy cores: `make cluster-test` only
+            out["train_workers"] = train_worker_nodes(workdir)
         ref = index.search(queries, K)
         out["pids_before"] = [inf["pid"] for inf in index.info()]
 
@@ -127,4 +152,4 @@ def main(workdir: Path) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(Path(sys.argv[1]))))
+    print(json.dumps(main(Path(sys.argv[1]), train="--train" in sys.argv[2:])))

@@ -3,7 +3,8 @@ manifests: shard actors on index nodes only, and losing an index node loses no s
 
 The cluster runs in a child process (tests/multinode_cluster.py: this session's pytest already
 holds a local Ray) with its own RAY_TMPDIR, so neither Ray sees the other; one run serves every
-test here. `make cluster-test` runs just this file.
+test here. `make cluster-test` runs just this file, with RATRAY_MULTINODE_TRAIN=1: a Ray Train run
+in the cluster too (~40 s more on 2 busy cores, so `make test` skips that test).
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ import pytest
 
 pytestmark = pytest.mark.slow  # one cluster run: ~30-45 s on 2 busy cores
 
+WITH_TRAIN = os.environ.get("RATRAY_MULTINODE_TRAIN") == "1"
+
 SCRIPT = Path(__file__).with_name("multinode_cluster.py")
 
 
@@ -29,7 +32,8 @@ def observed(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
     env.update(RAY_TMPDIR=ray_tmp, RAY_USAGE_STATS_ENABLED="0", OMP_WAIT_POLICY="PASSIVE")
     try:
-        out = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path_factory.mktemp("mn"))],
+        cmd = [sys.executable, str(SCRIPT), str(tmp_path_factory.mktemp("mn"))]
+        out = subprocess.run(cmd + (["--train"] if WITH_TRAIN else []),
                              capture_output=True, text=True, env=env, timeout=300)
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
@@ -43,6 +47,12 @@ def test_shard_actors_land_only_on_index_nodes_and_cpu_work_never_does(observed)
     assert set(observed["shards_before"].values()) <= set(nodes["index"])
     # the head and the index nodes advertise no CPUs: every CPU task runs on the train node
     assert set(observed["cpu_tasks"]) == {nodes["train"]}
+
+
+@pytest.mark.skipif(not WITH_TRAIN, reason="make cluster-test (RATRAY_MULTINODE_TRAIN=1) only")
+def test_ray_train_workers_run_on_the_train_node_never_on_index_nodes(observed):
+    assert len(observed["train_workers"]) == 2  # both workers of the TorchTrainer ran ...
+    assert set(observed["train_workers"]) == {observed["nodes"]["train"]}  # ... on the train node
 
 
 def test_losing_an_index_node_restarts_its_shards_on_the_survivor_and_no_search_fails(observed):
