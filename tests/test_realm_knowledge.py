@@ -158,6 +158,15 @@ def test_unscored_queries_are_counted_and_left_out():
     assert (m["val_scored_queries"], m["val_punct_only_queries"]) == (6, 4)
 
 
-def test_knowledge_job_refuses_a_corpus_path_of_its_own():
+def test_knowledge_job_writes_its_corpus_as_jsonl_only():
     with pytest.raises(ConfigError, match=r"corpus\.path"):
-        load_config(RealmJobConfig, "configs/realm_knowledge.yaml", ["corpus.path=/tmp/x.jsonl"])
+        load_config(RealmJobConfig, "configs/realm_knowledge.yaml", ["corpus.path=/tmp/facts.txt"])
+
+
+def test_knowledge_corpus_is_written_where_the_job_reads_it(tmp_path):
+    from ratray.realm.driver import with_knowledge
+
+    job = load_config(RealmJobConfig, "configs/realm_knowledge.yaml", [f"workdir={tmp_path}"])
+    got = with_knowledge(job)
+    assert got.corpus.path == str(tmp_path / "knowledge" / "facts.jsonl") and got.corpus.format == "jsonl"
+    assert sum(1 for _ in open(got.corpus.path, encoding="utf-8")) > 1000

@@ -107,7 +107,8 @@ class RealmJobConfig(BuildConfig):
     freeze_towers_steps: int = 0
     # true: the corpus is the interpreter's own facts (ratray/realm/knowledge.py: HTTP statuses,
     # errno, Unicode names, codec aliases; one block per fact, asks held out by fact), written to
-    # <workdir>/knowledge/facts.jsonl with corpus.val_fraction and corpus.seed; corpus.path unset
+    # corpus.path (a .jsonl; unset: <workdir>/knowledge/facts.jsonl) with corpus.val_fraction and
+    # corpus.seed, then read as the corpus
     knowledge: bool = False
     experiment: str = "ratray-realm"  # MLflow experiment
 
@@ -126,8 +127,8 @@ class RealmJobConfig(BuildConfig):
         check(self.tower_lr_scale > 0, "tower_lr_scale", "must be > 0")
         check(self.freeze_towers_steps >= 0, "freeze_towers_steps", "must be >= 0")
         if self.knowledge:
-            check(self.corpus.path is None, "corpus.path",
-                  "knowledge=true writes its own corpus: leave corpus.path unset")
+            check(self.corpus.path is None or str(self.corpus.path).endswith(".jsonl"), "corpus.path",
+                  "knowledge=true writes its corpus there: must end in .jsonl (or be unset)")
             check(0.0 < self.corpus.val_fraction < 1.0, "corpus.val_fraction",
                   "knowledge=true holds facts out: must be in (0, 1)")
 

@@ -80,7 +80,7 @@ def with_knowledge(job: RealmJobConfig) -> RealmJobConfig:
         return job
     from ratray.realm.knowledge import write_corpus
 
-    path = Workdir(job.workdir).root / "knowledge" / "facts.jsonl"
+    path = str(job.corpus.path or Workdir(job.workdir).root / "knowledge" / "facts.jsonl")
     write_corpus(path, job.corpus.val_fraction, job.corpus.seed)
     return dataclasses.replace(job, corpus=dataclasses.replace(job.corpus, path=str(path), format="jsonl"))
 
