@@ -280,6 +280,8 @@ def test_documents_added_after_training_are_read_at_once_and_forgotten_when_remo
     assert st["removed"]["rows"][0]["bpb"] == pytest.approx(st["before"]["rows"][0]["bpb"], rel=1e-6)
     assert x["removed_minus_before"]["delta_bpb"] == pytest.approx(0, abs=1e-6)
     assert x["generation"]["after"]["neighbours_from_added_documents"] > 0.5
+    assert x["generation"]["after"]["documents"] == 2
+    assert live.copied_share(list(range(20)), list(range(5, 30))) == pytest.approx(8 / 13)
     assert x["generation"]["before"]["neighbours_from_added_documents"] == 0
     assert x["updates"]["add"]["chunks_added"] > 0 and x["updates"]["remove"]["chunks_removed"] > 0
     assert (copy / "experiments" / "live" / "live.md").read_text().count("| ") >= 3

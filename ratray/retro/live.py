@@ -148,7 +148,7 @@ def run(workdir: str, run_name: str, data: str | Path, name: str = "live", n_boo
     from ratray.index.service import ShardedIndex
     from ratray.index.update import update_index
     from ratray.retro.evaluate import evaluate, load_run
-    from ratray.retro.generate import GenerateSettings, generate_run
+    from ratray.retro.generate import GenerateSettings
 
     data, wd = Path(data), Workdir(workdir)
     for sub in ("held", "related"):
@@ -165,18 +165,19 @@ def run(workdir: str, run_name: str, data: str | Path, name: str = "live", n_boo
     service = ShardedIndex.launch(str(wd.index), svc)
     searcher = Searcher(svc.name, svc.namespace)
     searcher.start()
-    prompt_doc = sorted((data / "related").rglob("*"))[0]
-    prompt = prompt_doc.read_text(encoding="utf-8")[:600]
+    tok = _tokenizer(loaded)
+    pairs = [(data / "related" / related_name(h), data / "held" / h) for h in held_ids]
+    pairs = [(r, h) for r, h in pairs if r.is_file()]
     gen_settings = GenerateSettings(max_tokens=max_tokens, index_name=svc.name, namespace=svc.namespace)
     ev = dict(index_name=svc.name, eval_corpus=str(data / "related"), fractions=(), n_boot=n_boot,
               seed=seed, progress=progress, log_mlflow=False)
     stages, updates, gens = {}, {}, {}
     try:
         stages["before"] = evaluate(workdir, run_name, **ev)
-        gens["before"] = generate_run(workdir, run_name, _prompt(loaded, prompt, max_tokens), gen_settings)
+        gens["before"] = _generations(workdir, run_name, loaded, tok, pairs, max_tokens, gen_settings)
         updates["add"] = update_index(workdir, add=data / "held", service_name=svc.name)
         stages["after"] = evaluate(workdir, run_name, **ev)
-        gens["after"] = generate_run(workdir, run_name, _prompt(loaded, prompt, max_tokens), gen_settings)
+        gens["after"] = _generations(workdir, run_name, loaded, tok, pairs, max_tokens, gen_settings)
         updates["remove"] = update_index(workdir, remove=held_ids, service_name=svc.name)
         stages["removed"] = evaluate(workdir, run_name, **ev)
     finally:
@@ -197,11 +198,8 @@ def run(workdir: str, run_name: str, data: str | Path, name: str = "live", n_boo
                         "total_s": u["timings"]["total_s"], "chunks_per_s": u["chunks_per_s"],
                         "drift": u["drift"]} for k, u in updates.items()},
         "queries_during_updates": queries,
-        "generation": {k: {"prompt": g["prompt"], "continuation": g["continuation"],
-                           "versions": g["index"]["versions"],
-                           "neighbours_from_added_documents": _neighbour_share(g, set(held_ids)),
-                           "neighbours": [[n["doc_id"] for n in c["neighbours"]] for c in g["chunks"]]}
-                       for k, g in gens.items()},
+        "generation": {k: _generation_summary(g, set(held_ids), n_boot, seed, _best(gens)) for k, g in gens.items()},
+        "copied_after_minus_before": _paired_share(gens, n_boot, seed),
         "seconds": round(time.perf_counter() - t0, 1),
     }
     folder = wd.experiment(name)
@@ -211,13 +209,72 @@ def run(workdir: str, run_name: str, data: str | Path, name: str = "live", n_boo
     return out
 
 
-def _prompt(loaded, text: str, max_tokens: int) -> str:
-    """The start of `text` cut to whole tokens so that prompt + continuation fit the run's sequence."""
+def _tokenizer(loaded):
     from ratray.retro.driver import resolve
 
-    tok = resolve(loaded.job).store.tokenizer
-    ids = tok.encode(text)[: max(loaded.cfg.chunk_tokens, loaded.cfg.seq_len - max_tokens)]
-    return tok.decode(ids)
+    return resolve(loaded.job).store.tokenizer
+
+
+COPY_N = 8  # tokens: a generated n-gram found in the added original counts as copied
+
+
+def copied_share(generated: list[int], source: list[int], n: int = COPY_N) -> float:
+    """Share of the generated token n-grams that occur in `source` (0 when none is generated)."""
+    grams = [tuple(generated[i: i + n]) for i in range(len(generated) - n + 1)]
+    have = {tuple(source[i: i + n]) for i in range(len(source) - n + 1)}
+    return sum(g in have for g in grams) / len(grams) if grams else 0.0
+
+
+def _generations(workdir, run_name, loaded, tok, pairs, max_tokens: int, settings) -> list[dict]:
+    """Greedy continuations of every related document's start (prompt + continuation fit the
+    run's sequence), each with the share of its 8-grams copied from the held original."""
+    from ratray.retro.generate import generate_run
+
+    out = []
+    for related, held in pairs:
+        ids = tok.encode(related.read_text(encoding="utf-8"))
+        prompt = tok.decode(ids[: max(loaded.cfg.chunk_tokens, loaded.cfg.seq_len - max_tokens)])
+        g = generate_run(workdir, run_name, prompt, settings)
+        g["copied_from_added"] = copied_share(g["tokens"], tok.encode(held.read_text(encoding="utf-8")))
+        out.append(g)
+    return out
+
+
+def _best(gens: dict) -> int:
+    """The document whose continuation after the add copies most: the example shown."""
+    after = [g["copied_from_added"] for g in gens.get("after", [])]
+    return int(np.argmax(after)) if after else 0
+
+
+def _boot_mean(x: np.ndarray, n_boot: int, seed: int) -> list[float]:
+    """95% bootstrap interval of the mean over documents."""
+    if not len(x):
+        return [0.0, 0.0]
+    b = x[np.random.default_rng(seed).integers(0, len(x), (n_boot, len(x)))].mean(1)
+    return [float(np.quantile(b, 0.025)), float(np.quantile(b, 0.975))]
+
+
+def _paired_share(gens: dict, n_boot: int, seed: int) -> dict:
+    """after − before of the copied share, paired by document."""
+    if "after" not in gens or "before" not in gens:
+        return {}
+    d = np.array([a["copied_from_added"] - b["copied_from_added"]
+                  for a, b in zip(gens["after"], gens["before"])])
+    return {"delta": float(d.mean()), "ci95": _boot_mean(d, n_boot, seed), "documents": len(d)}
+
+
+def _generation_summary(gens: list[dict], held: set[str], n_boot: int, seed: int, example: int) -> dict:
+    """Per stage: the mean copied share over the documents (bootstrap 95% interval), the share of
+    neighbours from the added documents, and one document's generation as the example."""
+    share = np.array([g["copied_from_added"] for g in gens])
+    g = gens[min(example, len(gens) - 1)]
+    return {"documents": len(gens), "copied_8gram_share": float(share.mean()) if len(share) else 0.0,
+            "ci95": _boot_mean(share, n_boot, seed),
+            "neighbours_from_added_documents": float(np.mean([_neighbour_share(x, held) for x in gens])),
+            "versions": sorted({v for x in gens for v in x["index"]["versions"]}),
+            "example": {"prompt": g["prompt"], "continuation": g["continuation"],
+                        "copied_from_added": g["copied_from_added"],
+                        "neighbours": [[n["doc_id"] for n in c["neighbours"]] for c in g["chunks"]]}}
 
 
 def format_live(x: dict) -> str:
@@ -233,6 +290,11 @@ def format_live(x: dict) -> str:
         d = x[key]
         lines.append(f"\n{what}: {d['delta_bpb']:+.4f} bpb, paired 95% CI {ci(d['ci95'])} "
                      f"({d['documents']} documents)")
+    c = x.get("copied_after_minus_before") or {}
+    if c:
+        lines.append(f"\ncopied {COPY_N}-gram share of greedy continuations, after − before: "
+                     f"{c['delta']:+.1%}, paired 95% CI [{c['ci95'][0]:+.1%}, {c['ci95'][1]:+.1%}] "
+                     f"({c['documents']} documents)")
     q = x["queries_during_updates"]
     lines += ["", f"Searches through the service during both swaps: {q['searches']} answered, "
               f"{q['failed']} failed; versions seen {q['versions_seen']}."]
@@ -240,8 +302,12 @@ def format_live(x: dict) -> str:
         lines.append(f"- {k}: v{u['version']}, +{u['chunks_added']} / -{u['chunks_removed']} chunks, "
                      f"swap {u['swap_s']:.3f} s, update {u['total_s']:.1f} s ({u['chunks_per_s']} chunks/s)")
     for k, g in x["generation"].items():
-        lines += ["", f"## Generation {k} the add (index v{g['versions']}): "
-                  f"{g['neighbours_from_added_documents']:.0%} of neighbours from the added documents",
-                  "", "```", g["prompt"][-300:] + " ⟶ " + g["continuation"], "```",
-                  "neighbours per chunk: " + "; ".join(", ".join(n) for n in g["neighbours"])]
+        e = g["example"]
+        lines += ["", f"## Generation {k} the add (index v{g['versions']}), greedy, {g['documents']} "
+                  f"documents: {g['copied_8gram_share']:.1%} of generated {COPY_N}-token n-grams copied "
+                  f"from the added originals (95% CI [{g['ci95'][0]:.1%}, {g['ci95'][1]:.1%}]); "
+                  f"{g['neighbours_from_added_documents']:.0%} of neighbours from them",
+                  "", f"Example ({e['copied_from_added']:.0%} copied):", "", "```",
+                  e["prompt"][-300:] + " ⟶ " + e["continuation"], "```",
+                  "neighbours per chunk: " + "; ".join(", ".join(n) for n in e["neighbours"])]
     return "\n".join(lines) + "\n"
