@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A local single-node Ray head for the demo and the README (thin wrapper over cluster/localray.py).
 #
-#   cluster/local.sh up [--num-cpus 2] [--port 6390] [--dashboard-port 8265] [--auth token|disabled]
+#   cluster/local.sh up [--num-cpus 2] [--port 6390] [--dashboard-port 8265] [--auth token|disabled] [--gcs-ft [REDIS]]
 #   cluster/local.sh submit [--working-dir .] [--no-wait] -- python jobs/build_index.py --workdir work
 #   cluster/local.sh status            # JSON: up?, addresses, auth, jobs (exit 3 when down)
 #   cluster/local.sh logs JOB_ID

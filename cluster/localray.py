@@ -74,6 +74,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gcsft  # noqa: E402  (cluster/gcsft.py: the GCS state in Redis, the GCS keeper)
+
 MARKER_ENV = "RATRAY_LOCAL_RAY"
 STATE_FILE = "ratray_head.json"
 # Ray's own default GCS port 6379 is Redis's port: the project's machines run Redis there (and the
@@ -244,8 +247,10 @@ class LocalRay:
     # -- up -----------------------------------------------------------------------------------
     def up(self, num_cpus: int = 2, dashboard_port: int | None = None, port: int | None = None,
            object_store_memory: int | None = None, num_gpus: int | None = None,
-           timeout: float = 120.0, quiet: bool = False) -> str:
-        """Start the head (or reuse the one this class started); returns the job API address."""
+           timeout: float = 120.0, quiet: bool = False, gcs_ft: str | None = None) -> str:
+        """Start the head (or reuse the one this class started); returns the job API address.
+        ``gcs_ft="host:port"``: the GCS keeps its state in that Redis and a keeper restarts it
+        when it dies (cluster/gcsft.py)."""
         if port is not None and int(port) != self.port:
             self._configure(port, dashboard_port or self.dashboard_port)
         if self.is_up():
@@ -287,6 +292,9 @@ class LocalRay:
                f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={client_port}",
                f"--dashboard-agent-listen-port={agent_port}", f"--temp-dir={self.ray_dir}",
                "--disable-usage-stats"]
+        ft = gcsft.ft_env(gcs_ft, self.port) if gcs_ft else {}
+        env.update(ft)
+        cmd += gcsft.ft_args() if gcs_ft else []
         if object_store_memory:
             cmd.append(f"--object-store-memory={int(object_store_memory)}")
         if num_gpus is not None:
@@ -304,6 +312,8 @@ class LocalRay:
         state = {"port": self.port, "dashboard_port": self.dashboard_port, "auth": self.auth,
                  "marker": marker, "sid": proc.pid, "temp_dir": str(self.temp_dir),
                  "python": self.python, "started": t0}
+        if gcs_ft:
+            state["gcs_ft"] = {"redis": gcs_ft, "namespace": ft["RAY_external_storage_namespace"]}
         if rc != 0:
             self._stop_processes(state, grace=5.0)
             tail = log_path.read_text()[-3000:]
@@ -315,11 +325,18 @@ class LocalRay:
         state.update(gcs_pid=gcs.pid, gcs_create_time=gcs.create_time(),
                      gcs_address=(Path(self.ray_dir, "ray_current_cluster").read_text().strip()
                                   if Path(self.ray_dir, "ray_current_cluster").exists() else None))
+        if gcs_ft:
+            state["gcs_snapshot"] = gcsft.snapshot(gcs)
         self.state_path.write_text(json.dumps(state, indent=1))
+        if gcs_ft:  # the keeper carries the marker: `down` stops it (before the GCS)
+            subprocess.Popen([self.python, str(Path(gcsft.__file__).resolve()), str(self.state_path)], env=env,
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
         self._wait_http(deadline=t0 + timeout)
         if not quiet:
             print(f"ratray: local Ray head up in {time.time() - t0:.1f}s: job API {self.address}, "
                   f"GCS {state['gcs_address']}, auth={self.auth}"
+                  + (f", GCS state in Redis {gcs_ft} (namespace {state['gcs_ft']['namespace']})" if gcs_ft else "")
                   + (" (generated $HOME/.ray/auth_token)" if generated else ""), file=sys.stderr)
         return self.address
 
@@ -495,6 +512,8 @@ class LocalRay:
         t0 = time.time()
         n = self._stop_processes(state, grace=grace)
         self.state_path.unlink(missing_ok=True)
+        if state.get("gcs_ft"):  # the head is gone: its namespace's keys go too
+            gcsft.cleanup(state["gcs_ft"]["redis"], state["gcs_ft"]["namespace"])
         if not quiet:
             print(f"ratray: stopped {n} processes of the local Ray head on port {self.port} "
                   f"in {time.time() - t0:.1f}s", file=sys.stderr)
@@ -505,7 +524,8 @@ class LocalRay:
         up = self.is_up()
         info = {"up": up, "port": self.port, "address": self.address if up else None,
                 "gcs_address": state.get("gcs_address") if up else None, "auth": self.auth,
-                "temp_dir": str(self.temp_dir), "processes": len(self.processes()) if state else 0}
+                "temp_dir": str(self.temp_dir), "processes": len(self.processes()) if state else 0,
+                "gcs_ft": state.get("gcs_ft"), "gcs_restarts": len(state.get("gcs_restarts", []))}
         if up:
             try:
                 info["jobs"] = [{"id": j.get("submission_id"), "status": j.get("status"),
@@ -535,6 +555,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-cpus", type=int, default=2)
     ap.add_argument("--object-store-memory", type=int, default=None, help="bytes")
     ap.add_argument("--auth", choices=["token", "disabled"], default=os.environ.get("RATRAY_RAY_AUTH", "token"))
+    ap.add_argument("--gcs-ft", nargs="?", const=os.environ.get("RATRAY_REDIS_ADDRESS", "127.0.0.1:6379"),
+                    default=None, metavar="REDIS", help="up: GCS state in Redis host:port (default "
+                    "$RATRAY_REDIS_ADDRESS or 127.0.0.1:6379), GCS restarted when it dies")
     ap.add_argument("--working-dir", default=".")
     ap.add_argument("--runtime-env-json", default=None)
     ap.add_argument("--no-wait", action="store_true")
@@ -543,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         lr = LocalRay(port=args.port, dashboard_port=args.dashboard_port, auth=args.auth)
         if args.command == "up":
-            print(lr.up(num_cpus=args.num_cpus, object_store_memory=args.object_store_memory))
+            print(lr.up(num_cpus=args.num_cpus, object_store_memory=args.object_store_memory, gcs_ft=args.gcs_ft))
             return 0
         if args.command == "down":
             lr.down()
