@@ -38,7 +38,8 @@ from tests.job_capture import job_from_argv
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
-RENDERINGS = {"base": K8S / "base", "cpu": K8S / "overlays" / "cpu", "gpu": K8S / "overlays" / "gpu"}
+RENDERINGS = {"base": K8S / "base", "cpu": K8S / "overlays" / "cpu", "gpu": K8S / "overlays" / "gpu",
+              "gcs-ft": K8S / "overlays" / "gcs-ft"}
 KUBE_VERSION = "1.33.0"  # the Kubernetes API the manifests target (kubernetes-validate ships 1.33)
 APP_ROOT = "/home/ray/ratray"  # where the images put the repository (docker/Dockerfile.*)
 SHARED_CLAIM, SHARED_PATH = "ratray-shared", "/shared"

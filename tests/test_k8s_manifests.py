@@ -140,7 +140,7 @@ def test_every_kustomization_builds_and_labels_its_parts(name):
 
 def test_the_secrets_kustomization_builds_and_labels_its_part(secrets_dir):
     secrets = render(secrets_dir)
-    assert {d["metadata"]["name"] for d in secrets} == {"ratray-postgres", "ratray-ray-auth"}
+    assert {d["metadata"]["name"] for d in secrets} == {"ratray-postgres", "ratray-ray-auth", "ratray-redis"}
     assert all(d["metadata"]["labels"]["ratray.io/part"] == "secrets" for d in secrets)
 
 
@@ -308,7 +308,8 @@ def test_every_container_has_limits_equal_to_requests(name):
         errs += resource_problems(f"RayCluster/{cluster['metadata']['name']}",
                                   {"name": "autoscaler", "resources": opts["resources"]})
     assert errs == []
-    assert len(all_pod_templates(docs)) == 13  # mlflow, postgres, 2 x (head, 2 groups, submitter), cluster
+    # mlflow, postgres, 2 x (head, 2 groups, submitter), cluster; + redis in overlays/gcs-ft
+    assert len(all_pod_templates(docs)) == 13 + (name == "gcs-ft")
 
 
 def _request_less_memory(c: dict) -> None:
@@ -741,3 +742,57 @@ def test_scaling_guide_names_real_files_and_parts():
     for part in re.findall(r"ratray\.io/part=(\w+)", text):
         assert part in PARTS, part
     assert "kubectl apply -k k8s/secrets" in text and "port-forward svc/ratray-mlflow" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# overlays/gcs-ft: GCS fault tolerance with Redis (issue 16)
+
+
+def _ft_options(docs: list[dict]) -> dict[str, dict | None]:
+    return {doc_id(d): ray_cluster_spec(d).get("gcsFaultToleranceOptions")
+            for d in by_kind(docs, "RayJob") + by_kind(docs, "RayCluster")}
+
+
+def test_gcs_ft_overlay_turns_fault_tolerance_on_for_every_ray_cluster(secrets_dir):
+    """Every RayJob's cluster and the RayCluster keep their GCS in the overlay's Redis Service, with
+    the password from a generated Secret; the other renderings leave it off."""
+    docs = rendered("gcs-ft")
+    svc = one(docs, "Service", "ratray-redis")
+    (port,) = [p["port"] for p in svc["spec"]["ports"]]
+    sts = one(docs, "StatefulSet", "ratray-redis")
+    secrets = {d["metadata"]["name"]: d for d in render(secrets_dir)}
+    opts = _ft_options(docs)
+    assert len(opts) == 3 and all(opts.values()), opts
+    for where, o in opts.items():
+        assert o["redisAddress"] == f"ratray-redis:{port}", where
+        ref = o["redisPassword"]["valueFrom"]["secretKeyRef"]
+        assert base64.b64decode(secrets[ref["name"]]["data"][ref["key"]]).decode(), where
+    (c,) = sts["spec"]["template"]["spec"]["containers"]
+    assert c["args"][-2:] == ["--requirepass", "$(REDIS_PASSWORD)"]
+    assert {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c["env"]}["REDIS_PASSWORD"] == ref
+    assert "--appendonly" in c["args"] and {v["mountPath"] for v in c["volumeMounts"]} >= {"/data"}
+    for other in ("base", "cpu", "gpu"):
+        assert not any(_ft_options(rendered(other)).values()), other
+
+
+REDIS_TRAFFIC = [("head", True), ("worker", False), ("submitter", False), ("client", False),
+                 ("mlflow", False), ("debug", False), ("outsider", False), ("operator", False)]
+
+
+@pytest.mark.parametrize("src,allowed", REDIS_TRAFFIC, ids=[s for s, _ in REDIS_TRAFFIC])
+def test_only_ray_heads_reach_redis(src, allowed):
+    docs = rendered("gcs-ft")
+    peers = traffic_peers(docs)
+    redis = {"ns": "ratray", "labels": one(docs, "StatefulSet", "ratray-redis")["spec"]["template"]["metadata"]["labels"]}
+    policies = by_kind(docs, "NetworkPolicy")
+    assert ingress_allowed(policies, redis, peers[src], 6379) is allowed
+    assert not ingress_allowed(policies, redis, peers["head"], 6380)  # its port only
+
+
+def test_redis_policy_evaluation_notices_an_open_redis():
+    docs = rendered("gcs-ft")
+    pol = one(docs, "NetworkPolicy", "ratray-redis-ingress")
+    del pol["spec"]["ingress"][0]["from"][0]["podSelector"]["matchExpressions"]
+    peers = traffic_peers(docs)
+    redis = {"ns": "ratray", "labels": one(docs, "StatefulSet", "ratray-redis")["spec"]["template"]["metadata"]["labels"]}
+    assert ingress_allowed(by_kind(docs, "NetworkPolicy"), redis, peers["worker"], 6379)

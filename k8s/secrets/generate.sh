@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Write postgres.env and ray-auth.env next to this script with fresh random values (an existing
+# Write postgres.env, redis.env and ray-auth.env next to this script with fresh random values (an existing
 # file is kept: rerunning never rotates a credential behind your back). Then:
 #   kubectl apply -k k8s/secrets
 set -euo pipefail
@@ -13,6 +13,12 @@ if [[ ! -e "$DIR/postgres.env" ]]; then
   echo "wrote $DIR/postgres.env"
 else
   echo "kept $DIR/postgres.env"
+fi
+if [[ ! -e "$DIR/redis.env" ]]; then  # Redis of k8s/overlays/gcs-ft (GCS fault tolerance)
+  printf 'password=%s\n' "$(rand 32)" > "$DIR/redis.env"
+  echo "wrote $DIR/redis.env"
+else
+  echo "kept $DIR/redis.env"
 fi
 if [[ ! -e "$DIR/ray-auth.env" ]]; then
   printf 'auth_token=%s\n' "$(rand 32)" > "$DIR/ray-auth.env"
