@@ -13,6 +13,8 @@ each). Flow:
     ─ search (the reference answer)
     ─ a thread searches non-stop; remove the index node holding shard 0 (its raylet and workers
       killed) ─ wait until every shard answers again ─ where are they now? searches lost?
+    ─ with --train: a 1-worker trainer checkpointing every step, a spare train node added; the
+      worker's node removed after step 3 ─ where did it resume, from which step, did it finish?
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import json
 import os
 import socket
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -73,6 +76,63 @@ def train_worker_nodes(workdir: Path) -> list[str]:
                  scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
                  run_config=RunConfig(name="mn", storage_path=str(workdir / "runs"))).fit()
     return [p.read_text() for p in sorted(out.glob("rank*.node"))]
+
+
+def counting_loop(config: dict) -> None:
+    """A Ray Train worker that resumes: a step = 0.5 s of work, its line in the shared log, then a
+    checkpoint holding the step; a restarted worker continues after its last checkpoint."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    start = 0
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            start = int((Path(d) / "step").read_text())
+    node = ray.get_runtime_context().get_node_id()
+    for step in range(start + 1, config["steps"] + 1):
+        time.sleep(0.5)
+        with open(config["log"], "a") as f:
+            f.write(f"{step} {node}\n")
+        with tempfile.TemporaryDirectory() as d:
+            (Path(d) / "step").write_text(str(step))
+            ray.train.report({"step": step}, checkpoint=Checkpoint.from_directory(d))
+
+
+def train_node_loss(cluster: Cluster, workdir: Path, steps: int = 12, kill_after: int = 3) -> dict:
+    """A 1-worker trainer (FailureConfig(max_failures=1)) with a spare train node; once step
+    `kill_after` is logged, the worker's node is removed. What ran where, and the final step."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    spare = cluster.add_node(num_cpus=1, resources={"train_node": 1})
+    nodes = {n.node_id: n for n in cluster.worker_nodes}
+    log = workdir / "steps.log"
+    trainer = TorchTrainer(
+        counting_loop, train_loop_config={"steps": steps, "log": str(log)},
+        scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(name="resume", storage_path=str(workdir / "runs"),
+                             failure_config=FailureConfig(max_failures=1),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)))
+    result: dict = {}
+    fit = threading.Thread(target=lambda: result.update(r=trainer.fit()), daemon=True)
+    fit.start()
+    lines: list[list[str]] = []
+    deadline = time.time() + 120
+    while time.time() < deadline and len(lines) < kill_after:
+        time.sleep(0.2)
+        lines = [ln.split() for ln in log.read_text().splitlines()] if log.exists() else []
+    victim = lines[-1][1]
+    cluster.remove_node(nodes[victim])
+    fit.join(timeout=180)
+    lines = [ln.split() for ln in log.read_text().splitlines()]
+    r = result.get("r")
+    final = None
+    if r is not None and r.checkpoint is not None:
+        with r.checkpoint.as_directory() as d:
+            final = int((Path(d) / "step").read_text())
+    return {"spare": spare.node_id, "victim": victim, "steps": [(int(a), b) for a, b in lines],
+            "final_step": final, "fit_done": not fit.is_alive(), "total": steps}
 
 
 @ray.remote(num_cpus=1)
@@ -144,6 +204,8 @@ def main(workdir: Path, train: bool = False) -> dict:
         out["answers_after_removal"] = len(answers) - answered_before
         out["failures"] = failures
         out["final_equal"] = bool(np.array_equal(index.search(queries, K).ids, ref.ids))
+        if train:  # a training node lost mid-run: the trainer resumes from its checkpoint
+            out["train_loss"] = train_node_loss(cluster, workdir)
     finally:
         index.shutdown()
         ray.shutdown()

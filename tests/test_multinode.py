@@ -3,8 +3,9 @@ manifests: shard actors on index nodes only, and losing an index node loses no s
 
 The cluster runs in a child process (tests/multinode_cluster.py: this session's pytest already
 holds a local Ray) with its own RAY_TMPDIR, so neither Ray sees the other; one run serves every
-test here. `make cluster-test` runs just this file, with RATRAY_MULTINODE_TRAIN=1: a Ray Train run
-in the cluster too (~40 s more on 2 busy cores, so `make test` skips that test).
+test here. `make cluster-test` runs just this file, with RATRAY_MULTINODE_TRAIN=1: Ray Train runs
+in the cluster too — where its workers land, and a training node removed mid-run (~80 s more on 2
+busy cores, so `make test` skips those two tests).
 """
 from __future__ import annotations
 
@@ -67,3 +68,16 @@ def test_losing_an_index_node_restarts_its_shards_on_the_survivor_and_no_search_
     assert observed["answers_after_removal"] > 0
     assert observed["answers_equal"] == observed["answers"]
     assert observed["final_equal"] is True
+
+
+@pytest.mark.skipif(not WITH_TRAIN, reason="make cluster-test (RATRAY_MULTINODE_TRAIN=1) only")
+def test_losing_the_training_node_resumes_the_trainer_from_its_checkpoint_on_the_spare(observed):
+    run = observed["train_loss"]
+    assert run["fit_done"] and run["final_step"] == run["total"]
+    before = [s for s, node in run["steps"] if node == run["victim"]]
+    after = [s for s, node in run["steps"] if node != run["victim"]]
+    assert before == list(range(1, len(before) + 1)) and len(before) >= 3
+    assert {node for s, node in run["steps"] if node != run["victim"]} == {run["spare"]}
+    # resumed from a checkpoint (not from step 1) without skipping a step, then ran to the end
+    assert 1 < after[0] <= before[-1] + 1
+    assert after == list(range(after[0], run["total"] + 1))
