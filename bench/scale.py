@@ -258,7 +258,12 @@ def main(argv: list[str] | None = None) -> dict | None:
         r = child_build(a.child_build, a, work) if a.child_build else child_serve(a, work)
         print(json.dumps(r, default=float))
         return r
-    a.sizes = sorted(int(s) for s in a.sizes.split(","))
+    try:
+        a.sizes = sorted(int(s) for s in a.sizes.split(","))
+    except ValueError:
+        ap.error(f"--sizes must be comma-separated integers, got {a.sizes!r}")
+    if min(a.sizes) <= a.queries or not 0 < a.recall <= 1:
+        ap.error("every size must exceed --queries, and --recall must be in (0, 1]")
     a.passthrough = [f"--{k.replace('_', '-')}={getattr(a, k)}" for k in
                      ("dim", "recall", "queries", "k", "reps", "train_size", "pq_tables", "seed")]
     res = run_sizes(a)
