@@ -29,6 +29,35 @@ from pathlib import Path
 
 POLL_S = 0.2
 
+# A driver measuring what a GCS kill does to a running job: two named detached actors (namespace
+# "ft") called every 20 ms for argv[2] seconds; each call records [start, end, answers, duration of
+# a GCS request (ray.nodes()) made right after]. Prints READY once the actors answer, then CALLS <json>.
+PROBE = r'''
+import json, sys, time, ray
+ray.init(address=sys.argv[1], logging_level="ERROR")
+
+@ray.remote(num_cpus=0)
+class Counter:
+    def __init__(self):
+        self.n = 0
+    def incr(self):
+        self.n += 1
+        return self.n
+
+actors = [Counter.options(name=f"shard{i}", namespace="ft", lifetime="detached").remote() for i in range(2)]
+ray.get([a.incr.remote() for a in actors])
+print("READY", flush=True)
+calls, t_end = [], time.time() + float(sys.argv[2])
+while time.time() < t_end:
+    t0 = time.time()
+    got = ray.get([a.incr.remote() for a in actors], timeout=90)
+    t1 = time.time()
+    assert ray.nodes()[0]["Alive"]  # a GCS request (GetAllNodeInfo): waits while the GCS is down
+    calls.append([t0, t1, got, time.time() - t1])
+    time.sleep(0.02)
+print("CALLS " + json.dumps(calls), flush=True)
+'''
+
 
 def ft_env(redis: str, port: int) -> dict[str, str]:
     """The environment that puts a head's GCS state in Redis at ``redis`` (host:port)."""

@@ -27,31 +27,6 @@ from tests.test_cluster_local import _free_ports, localray
 gcsft = sys.modules["gcsft"]  # imported by cluster/localray.py
 REDIS = os.environ.get("RATRAY_REDIS_ADDRESS", "127.0.0.1:6379")
 
-DRIVER = r'''
-import json, sys, time, ray
-ray.init(address=sys.argv[1], logging_level="ERROR")
-
-@ray.remote(num_cpus=0)
-class Counter:
-    def __init__(self):
-        self.n = 0
-    def incr(self):
-        self.n += 1
-        return self.n
-
-actors = [Counter.options(name=f"shard{i}", namespace="ft", lifetime="detached").remote() for i in range(2)]
-ray.get([a.incr.remote() for a in actors])
-print("READY", flush=True)
-calls, t_end = [], time.time() + float(sys.argv[2])
-while time.time() < t_end:
-    t0 = time.time()
-    got = ray.get([a.incr.remote() for a in actors], timeout=90)
-    t1 = time.time()
-    assert ray.nodes()[0]["Alive"]  # a GCS request (GetAllNodeInfo): waits while the GCS is down
-    calls.append([t0, t1, got, time.time() - t1])
-    time.sleep(0.02)
-print("CALLS " + json.dumps(calls), flush=True)
-'''
 
 LOOKUP = r'''
 import sys, ray
@@ -90,7 +65,7 @@ def test_actors_keep_answering_while_the_gcs_is_killed_and_comes_back_from_redis
         assert f"RAY{ns}@NODE" in gcsft.redis_keys(REDIS, ns)  # the GCS writes its tables to Redis
         out_path, err_path = tmp_path / "driver.out", tmp_path / "driver.err"
         with open(out_path, "w") as fo, open(err_path, "w") as fe:
-            driver = subprocess.Popen([sys.executable, "-c", DRIVER, lr.gcs_address, "8"], env=env, text=True,
+            driver = subprocess.Popen([sys.executable, "-c", gcsft.PROBE, lr.gcs_address, "8"], env=env, text=True,
                                       stdout=fo, stderr=fe)
         deadline = time.time() + 120
         while "READY" not in out_path.read_text() and driver.poll() is None and time.time() < deadline:
