@@ -51,6 +51,10 @@ What this does on `up` (facts verified on Ray 2.60, see tests/test_cluster_local
   ``ray`` (Ray makes that one mode 0777 for other users' drivers: the 0700 folder around it keeps
   them out).
 
+- ``--gcs-ft [REDIS]`` (``up(gcs_ft="host:port")``): the GCS keeps its state in Redis under a
+  namespace of this head, a keeper restarts it when it dies, ``down`` deletes the namespace's keys
+  (cluster/gcsft.py). The default port 6390 keeps the head off Redis's 6379.
+
 ``up`` returns the job-submission address ``http://127.0.0.1:<dashboard_port>``; ``gcs_address``
 is ``<node ip>:<port>`` for ``ray.init(address=...)``. Don't export ``env()`` into a shell where
 you then run ``ray.init()`` directly: the job API address in RAY_ADDRESS is not a GCS address.
