@@ -530,6 +530,13 @@ class LocalRay:
                 "gcs_address": state.get("gcs_address") if up else None, "auth": self.auth,
                 "temp_dir": str(self.temp_dir), "processes": len(self.processes()) if state else 0,
                 "gcs_ft": state.get("gcs_ft"), "gcs_restarts": len(state.get("gcs_restarts", []))}
+        if state and not up and info["processes"]:
+            info["problem"] = (f"the GCS of this head (pid {state.get('gcs_pid')}) is gone while "
+                               f"{info['processes']} of its processes still run: "
+                               + ("its keeper has not restarted it (yet)" if state.get("gcs_ft") else
+                                  "without --gcs-ft nothing restarts it and the cluster's state is lost "
+                                  "(the raylet exits after RAY_gcs_rpc_server_reconnect_timeout_s, 60 s)")
+                               + "; `down` stops the rest")
         if up:
             try:
                 info["jobs"] = [{"id": j.get("submission_id"), "status": j.get("status"),

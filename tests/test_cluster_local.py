@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -91,6 +92,28 @@ def test_default_head_port_is_not_redis_port(tmp_path):
     with pytest.raises(localray.ClusterError, match=rf"port {busy} \(GCS --port\) is already in use"):
         lr.up(num_cpus=1)
     assert not (tmp_path / "busy").exists()
+
+
+def test_a_head_whose_gcs_died_without_fault_tolerance_is_reported_as_such(tmp_path):
+    """A head's state whose GCS pid is gone while a process of the head (its marker) still runs:
+    `status` is down and says the GCS died with nothing to restart it; `down` stops the rest."""
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    marker = "m" + os.urandom(8).hex()
+    left = subprocess.Popen(["sleep", "60"], env={**os.environ, localray.MARKER_ENV: marker})
+    lr = LocalRay(port=7010, temp_dir=tmp_path / "head")
+    lr.make_state_dir()
+    lr.state_path.write_text(json.dumps({"port": 7010, "dashboard_port": 9010, "auth": "token", "marker": marker,
+                                         "sid": None, "started": time.time() - 1, "gcs_pid": gone.pid,
+                                         "gcs_create_time": 0.0}))
+    try:
+        info = lr.status()
+        assert info["up"] is False and info["processes"] == 1
+        assert info["problem"].startswith(f"the GCS of this head (pid {gone.pid}) is gone while 1 of its processes")
+        assert "without --gcs-ft nothing restarts it and the cluster's state is lost" in info["problem"]
+        assert lr.down(grace=3, quiet=True) == 1 and left.wait(timeout=10) is not None
+    finally:
+        left.kill()
 
 
 def _foreign(path: Path, monkeypatch) -> None:
