@@ -15,7 +15,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export OMP_WAIT_POLICY ?= PASSIVE
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 
-.PHONY: venv test demo realm-demo build-index bench chaos lock clean
+.PHONY: venv test cluster-test demo realm-demo build-index bench chaos lock clean
 
 venv: $(STAMP)
 
@@ -24,14 +24,15 @@ $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e ".[$(EXTRA),dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[$(EXTRA),server,dev]"
 	@rm -f $(VENV)/.ratray-installed-*
 	@touch $@
 
 test: venv
 	$(PY) -m pytest -q -p no:cacheprovider --durations=15
 
-# A local Ray head, the index build and the RETRO job through `ray job submit`, the result printed.
+# A local Ray head (GCS on 127.0.0.1:6390, off Redis's 6379; RATRAY_RAY_PORT for another), the
+# index build and the RETRO job through `ray job submit`, the result printed.
 demo: venv
 	bash cluster/demo.sh
 
@@ -49,6 +50,12 @@ build-index: venv
 chaos: venv
 	$(PY) bench/chaos.py --out chaos.json
 	RATRAY_CHAOS=1 $(PY) -m pytest -q -p no:cacheprovider tests/test_train_retry.py
+
+# The multi-node rehearsal on this host (ray.cluster_utils.Cluster in a child process: a head
+# without CPUs, a train node, two index nodes; an index node removed mid-search), plus a Ray Train
+# run on it and a training node lost mid-run (both skipped by `make test`). ~2 min on 2 busy cores.
+cluster-test: venv
+	RATRAY_MULTINODE_TRAIN=1 $(PY) -m pytest -q -p no:cacheprovider tests/test_multinode.py
 
 bench: venv
 	$(PY) bench/index_qps.py
