@@ -298,4 +298,7 @@ def test_the_build_makes_keyword_shards_beside_the_dense_ones(small_workdir):
     text = table.column("text")[cid].as_py()
     _, I = keyword_topk(searchers, [" ".join(tokenize(text)[:12])], 10)
     assert cid in I[0]
-    assert json.loads((path / "summary.json").read_text())["index"]["keyword"]["docs"] == m.ntotal
+    on_disk = json.loads((path / "summary.json").read_text())["index"]["keyword"]
+    # the summary on disk is the last build's: this one's counts, or "reused" when a later test
+    # rebuilt the shared workdir (its keyword shards found complete and kept)
+    assert on_disk == "reused" or on_disk["docs"] == m.ntotal
