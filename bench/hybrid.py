@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import statistics
@@ -46,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from ratray.config import BuildConfig, IndexConfig, load_config  # noqa: E402
-from ratray.eval.stats import bpb_interval, delta_interval  # noqa: E402
+from ratray.eval.stats import ratio_delta_interval, ratio_interval  # noqa: E402
 from ratray.index.keyword import fuse, identifier_parts, load_keyword, tokenize  # noqa: E402
 
 WINDOW, MIN_WORDS = 8, 20
@@ -123,17 +122,16 @@ def hits(ids: np.ndarray, qs: list[dict], k: int) -> np.ndarray:
 
 
 def interval(h: np.ndarray, docs: np.ndarray) -> tuple[float, tuple[float, float]]:
-    """recall and its 95% bootstrap interval over documents: a ratio of sums, as bits-per-byte
-    is (bpb_interval's statistic with nats = hits * ln 2 and bytes = queries)."""
+    """recall and its 95% bootstrap interval over documents (hits ÷ queries, a ratio of sums)."""
     codes, doc = np.unique(docs, return_inverse=True)
     per = np.bincount(doc, weights=h, minlength=len(codes))
-    return bpb_interval(per * math.log(2), np.bincount(doc, minlength=len(codes)).astype(float))
+    return ratio_interval(per, np.bincount(doc, minlength=len(codes)).astype(float))
 
 
 def paired(a: np.ndarray, b: np.ndarray, docs: np.ndarray) -> tuple[float, tuple[float, float]]:
     codes, doc = np.unique(docs, return_inverse=True)
-    pa, pb = (np.bincount(doc, weights=x, minlength=len(codes)) * math.log(2) for x in (a, b))
-    return delta_interval(pa, pb, np.bincount(doc, minlength=len(codes)).astype(float))
+    pa, pb = (np.bincount(doc, weights=x, minlength=len(codes)) for x in (a, b))
+    return ratio_delta_interval(pa, pb, np.bincount(doc, minlength=len(codes)).astype(float))
 
 
 def timed(fn, reps: int) -> tuple[float, float]:

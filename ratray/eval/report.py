@@ -90,7 +90,7 @@ def format_evaluation(r: dict, markdown: bool = True) -> str:
                   "near-duplicate the database left out", "",
                   "| model | bits per byte | 95% CI |", "|---|---|---|"]
         lines += [f"| {x['model']} | {x['bpb']:.4f} | {ci(x['ci95'])} |" for x in dc["rows"]]
-    elif dc:
+    elif dc and not dc["documents_left_out"]:
         lines += ["", "No validation document near-duplicates the database (corpus cleaning's "
                   "report): the decontaminated subset is the whole set."]
     alphas = [p["alpha"] for p in r["rows"][0]["by_overlap"]]

@@ -30,34 +30,45 @@ def _resample_counts(n_docs: int, n_boot: int, seed: int) -> np.ndarray:
     return rng.multinomial(n_docs, np.full(n_docs, 1.0 / n_docs), size=n_boot).astype(np.float64)
 
 
-def _bpb(nats, nbytes):
-    return np.asarray(nats) / math.log(2) / np.maximum(np.asarray(nbytes), 1.0)
-
-
 def _interval(samples: np.ndarray, level: float) -> tuple[float, float]:
     lo, hi = np.quantile(samples, [(1 - level) / 2, (1 + level) / 2])
     return float(lo), float(hi)
 
 
+def _ratio(num, den):
+    return np.asarray(num) / np.maximum(np.asarray(den), 1.0)
+
+
+def ratio_interval(doc_num: np.ndarray, doc_den: np.ndarray, n_boot: int = N_BOOT, seed: int = 0,
+                   level: float = LEVEL) -> tuple[float, tuple[float, float]]:
+    """sum(num) / sum(den) over the documents (a rate: hits per query, a mean: values per
+    document with den 1) and its percentile bootstrap interval, documents resampled."""
+    point = float(_ratio(doc_num.sum(), doc_den.sum()))
+    if len(doc_num) < 2:
+        return point, (point, point)
+    c = _resample_counts(len(doc_num), n_boot, seed)
+    return point, _interval(_ratio(c @ doc_num, c @ doc_den), level)
+
+
+def ratio_delta_interval(doc_num_a: np.ndarray, doc_num_b: np.ndarray, doc_den: np.ndarray,
+                         n_boot: int = N_BOOT, seed: int = 0, level: float = LEVEL
+                         ) -> tuple[float, tuple[float, float]]:
+    """ratio(a) − ratio(b) over the same denominators, and its paired bootstrap interval."""
+    return ratio_interval(doc_num_a - doc_num_b, doc_den, n_boot, seed, level)
+
+
 def bpb_interval(doc_nats: np.ndarray, doc_bytes: np.ndarray, n_boot: int = N_BOOT, seed: int = 0,
                  level: float = LEVEL) -> tuple[float, tuple[float, float]]:
     """Bits-per-byte of the documents and its percentile bootstrap interval."""
-    point = float(_bpb(doc_nats.sum(), doc_bytes.sum()))
-    if len(doc_nats) < 2:
-        return point, (point, point)
-    c = _resample_counts(len(doc_nats), n_boot, seed)
-    return point, _interval(_bpb(c @ doc_nats, c @ doc_bytes), level)
+    return ratio_interval(doc_nats / math.log(2), doc_bytes, n_boot, seed, level)
 
 
 def delta_interval(doc_nats_a: np.ndarray, doc_nats_b: np.ndarray, doc_bytes: np.ndarray,
                    n_boot: int = N_BOOT, seed: int = 0, level: float = LEVEL
                    ) -> tuple[float, tuple[float, float]]:
     """bpb(a) − bpb(b) on the same bytes, and its paired bootstrap interval."""
-    point = float(_bpb(doc_nats_a.sum() - doc_nats_b.sum(), doc_bytes.sum()))
-    if len(doc_bytes) < 2:
-        return point, (point, point)
-    c = _resample_counts(len(doc_bytes), n_boot, seed)
-    return point, _interval(_bpb(c @ (doc_nats_a - doc_nats_b), c @ doc_bytes), level)
+    return ratio_delta_interval(doc_nats_a / math.log(2), doc_nats_b / math.log(2), doc_bytes,
+                                n_boot, seed, level)
 
 
 def significant(ci: tuple[float, float]) -> bool:

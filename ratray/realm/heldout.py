@@ -13,11 +13,10 @@ rate Σ hits / Σ totals is the bootstrap's "bits per byte" with nats = hits · 
 """
 from __future__ import annotations
 
-import math
 
 import numpy as np
 
-from ratray.eval.stats import bpb_interval, delta_interval, per_document
+from ratray.eval.stats import per_document, ratio_delta_interval, ratio_interval
 
 ROW_FIELDS = ("correct_retrieval", "correct_null", "exact_retrieval", "exact_null", "masked",
               "p_null", "gold_known", "gold_hit")
@@ -43,13 +42,13 @@ def gold_hits(cand_ids: np.ndarray, gold: np.ndarray) -> np.ndarray:
 def _rate(hits, totals, cluster, n):
     h, t = per_document(cluster, hits, n), per_document(cluster, totals, n)
     keep = t > 0
-    return bpb_interval(h[keep] * math.log(2), t[keep])
+    return ratio_interval(h[keep], t[keep])
 
 
 def _delta(a, b, totals, cluster, n):
     ha, hb, t = (per_document(cluster, x, n) for x in (a, b, totals))
     keep = t > 0
-    return delta_interval(ha[keep] * math.log(2), hb[keep] * math.log(2), t[keep])
+    return ratio_delta_interval(ha[keep], hb[keep], t[keep])
 
 
 def summarize(rows: dict[str, np.ndarray], cluster: np.ndarray, scored: np.ndarray, k1: int,

@@ -246,30 +246,26 @@ def _best(gens: dict) -> int:
     return int(np.argmax(after)) if after else 0
 
 
-def _boot_mean(x: np.ndarray, n_boot: int, seed: int) -> list[float]:
-    """95% bootstrap interval of the mean over documents."""
-    if not len(x):
-        return [0.0, 0.0]
-    b = x[np.random.default_rng(seed).integers(0, len(x), (n_boot, len(x)))].mean(1)
-    return [float(np.quantile(b, 0.025)), float(np.quantile(b, 0.975))]
-
-
 def _paired_share(gens: dict, n_boot: int, seed: int) -> dict:
-    """after − before of the copied share, paired by document."""
+    """after − before of the copied share (mean over documents), paired by document."""
+    from ratray.eval.stats import ratio_delta_interval
+
     if "after" not in gens or "before" not in gens:
         return {}
-    d = np.array([a["copied_from_added"] - b["copied_from_added"]
-                  for a, b in zip(gens["after"], gens["before"])])
-    return {"delta": float(d.mean()), "ci95": _boot_mean(d, n_boot, seed), "documents": len(d)}
+    a, b = (np.array([g["copied_from_added"] for g in gens[k]]) for k in ("after", "before"))
+    delta, ci = ratio_delta_interval(a, b, np.ones(len(a)), n_boot, seed)
+    return {"delta": delta, "ci95": list(ci), "documents": len(a)}
 
 
 def _generation_summary(gens: list[dict], held: set[str], n_boot: int, seed: int, example: int) -> dict:
     """Per stage: the mean copied share over the documents (bootstrap 95% interval), the share of
     neighbours from the added documents, and one document's generation as the example."""
+    from ratray.eval.stats import ratio_interval
+
     share = np.array([g["copied_from_added"] for g in gens])
+    mean, ci = ratio_interval(share, np.ones(len(share)), n_boot, seed)  # the mean over documents
     g = gens[min(example, len(gens) - 1)]
-    return {"documents": len(gens), "copied_8gram_share": float(share.mean()) if len(share) else 0.0,
-            "ci95": _boot_mean(share, n_boot, seed),
+    return {"documents": len(gens), "copied_8gram_share": mean, "ci95": list(ci),
             "neighbours_from_added_documents": float(np.mean([_neighbour_share(x, held) for x in gens])),
             "versions": sorted({v for x in gens for v in x["index"]["versions"]}),
             "example": {"prompt": g["prompt"], "continuation": g["continuation"],
