@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# A local single-node Ray head for the demo and the README (thin wrapper over cluster/localray.py).
+# A local Ray head for the demo and the README (thin wrapper over cluster/localray.py), alone or
+# with worker nodes shaped like the KubeRay groups (a multi-node cluster on this host).
 #
 #   cluster/local.sh up [--num-cpus 2] [--port 6390] [--dashboard-port 8265] [--auth token|disabled] [--gcs-ft [REDIS]]
+#   cluster/local.sh up --nodes "train:2 index:2x2"   # GROUP:CPUS[xCOUNT] or a YAML file; head: no work
 #   cluster/local.sh submit [--working-dir .] [--no-wait] -- python jobs/build_index.py --workdir work
-#   cluster/local.sh status            # JSON: up?, addresses, auth, jobs (exit 3 when down)
+#   cluster/local.sh status            # JSON: up?, addresses, auth, jobs, nodes (exit 3 when down)
 #   cluster/local.sh logs JOB_ID
+#   cluster/local.sh kill-node index-0 # SIGKILL one worker node (raylet first): a lost pod
 #   eval "$(cluster/local.sh env)"     # RAY_ADDRESS / RAY_AUTH_MODE for plain `ray job ...` commands
-#   cluster/local.sh down              # stops only this head (never `ray stop`, which stops every Ray)
+#   cluster/local.sh down              # stops only this head and its nodes (never `ray stop`, which stops every Ray)
 #   cluster/local.sh mlflow up|status|down [--port 5050] [--drop-database]  # MLflow on PostgreSQL
 #
 # The head always runs with Ray token auth (a token is generated in ~/.ray/auth_token if missing)
@@ -21,7 +24,7 @@ if [[ ! -x "$PY" ]]; then
   exit 2
 fi
 if [[ $# -lt 1 ]]; then
-  sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,18p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
   exit 2
 fi
 export RAY_USAGE_STATS_ENABLED="${RAY_USAGE_STATS_ENABLED:-0}"

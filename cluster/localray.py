@@ -1,8 +1,10 @@
-"""A local single-node Ray head for `make demo` and the README: start it, submit jobs, stop it.
+"""A local Ray head for `make demo` and the README — alone, or with worker nodes shaped like the
+KubeRay groups (a multi-node cluster on one host): start it, submit jobs, stop it.
 
     cluster/local.sh up [--num-cpus 2] [--port 6390] [--dashboard-port 8265] [--gcs-ft]
+    cluster/local.sh up --nodes "train:2 index:2x2"      # or --nodes nodes.yaml (cluster/localnodes.py)
     cluster/local.sh submit [--working-dir .] [--no-wait] -- python jobs/x.py --flag
-    cluster/local.sh status | env | logs JOB_ID | down
+    cluster/local.sh status | env | logs JOB_ID | kill-node NAME | down
     (cluster/local.sh runs this file with .venv/bin/python; it is tooling, not part of the
     ratray package, and imports nothing from it)
 
@@ -55,6 +57,15 @@ What this does on `up` (facts verified on Ray 2.60, see tests/test_cluster_local
   namespace of this head, a keeper restarts it when it dies, ``down`` deletes the namespace's keys
   (cluster/gcsft.py). The default port 6390 keeps the head off Redis's 6379.
 
+- ``--nodes SPEC`` (``up(nodes=...)``): a head that schedules no work (the KubeRay head's
+  ``num-cpus: "0"``) plus worker nodes on this host, each a ``ray start --address`` of its own with
+  the ``--num-cpus`` and ``--resources`` of its group in k8s/base/ray/raycluster.yaml (index nodes:
+  ``index_node: 2``, no CPUs), bound to 127.0.0.1, token auth like the head, Ray temp dir
+  ``<state folder>/<node name>``, its own session and marker (cluster/localnodes.py: the spec, and
+  why a node's ``ray start`` runs through that file). The state lists them; ``status`` shows each
+  node's processes and the GCS's view of it; ``kill-node NAME`` SIGKILLs one node (raylet first:
+  a lost pod); ``down`` stops the nodes, then the head.
+
 ``up`` returns the job-submission address ``http://127.0.0.1:<dashboard_port>``; ``gcs_address``
 is ``<node ip>:<port>`` for ``ray.init(address=...)``. Don't export ``env()`` into a shell where
 you then run ``ray.init()`` directly: the job API address in RAY_ADDRESS is not a GCS address.
@@ -80,6 +91,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gcsft  # noqa: E402  (cluster/gcsft.py: the GCS state in Redis, the GCS keeper)
+import localnodes  # noqa: E402  (cluster/localnodes.py: worker nodes shaped like the KubeRay groups)
 
 MARKER_ENV = "RATRAY_LOCAL_RAY"
 STATE_FILE = "ratray_head.json"
@@ -125,6 +137,27 @@ def _alive(pid: int, create_time: float | None = None) -> bool:
         return create_time is None or abs(p.create_time() - create_time) < 1.0
     except psutil.Error:
         return False
+
+
+def _name(p) -> str:
+    """A psutil process's name, "" once it is gone."""
+    import psutil
+
+    try:
+        return p.name()
+    except psutil.Error:
+        return ""
+
+
+def _signal(procs, sig: int) -> None:
+    """Send `sig` to each psutil process that is still there."""
+    import psutil
+
+    for p in procs:
+        try:
+            p.send_signal(sig)
+        except psutil.Error:
+            pass
 
 
 def check_state_dir(path: Path) -> None:
@@ -249,15 +282,23 @@ class LocalRay:
         return bool(state) and _alive(state["gcs_pid"], state.get("gcs_create_time"))
 
     # -- up -----------------------------------------------------------------------------------
-    def up(self, num_cpus: int = 2, dashboard_port: int | None = None, port: int | None = None,
+    def up(self, num_cpus: int | None = None, dashboard_port: int | None = None, port: int | None = None,
            object_store_memory: int | None = None, num_gpus: int | None = None,
-           timeout: float = 120.0, quiet: bool = False, gcs_ft: str | None = None) -> str:
+           timeout: float = 120.0, quiet: bool = False, gcs_ft: str | None = None,
+           nodes: str | None = None) -> str:
         """Start the head (or reuse the one this class started); returns the job API address.
         ``gcs_ft="host:port"``: the GCS keeps its state in that Redis and a keeper restarts it
-        when it dies (cluster/gcsft.py)."""
+        when it dies (cluster/gcsft.py). ``nodes="train:2 index:2"`` (or a file): worker nodes
+        shaped like the KubeRay groups, and a head that schedules no work (cluster/localnodes.py);
+        ``num_cpus`` (default 2) is the single-node head's."""
         if port is not None and int(port) != self.port:
             self._configure(port, dashboard_port or self.dashboard_port)
+        specs, num_cpus = self._node_specs(nodes, num_cpus)
         if self.is_up():
+            have = [(n["name"], n["cpus"]) for n in (self.read_state() or {}).get("nodes", [])]
+            if nodes is not None and have != [(n.name, n.cpus) for n in specs]:
+                raise ClusterError(f"a local Ray head is already up on port {self.port} with nodes "
+                                   f"{have or 'none'}: run `down` first to start other nodes")
             if not quiet:
                 print(f"ratray: reusing the local Ray head on port {self.port} ({self.address})",
                       file=sys.stderr)
@@ -337,12 +378,88 @@ class LocalRay:
                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)
         self._wait_http(deadline=t0 + timeout)
+        if specs:
+            self._start_nodes(state, specs, env, object_store_memory, deadline=time.time() + timeout)
         if not quiet:
             print(f"ratray: local Ray head up in {time.time() - t0:.1f}s: job API {self.address}, "
                   f"GCS {state['gcs_address']}, auth={self.auth}"
                   + (f", GCS state in Redis {gcs_ft} (namespace {state['gcs_ft']['namespace']})" if gcs_ft else "")
+                  + (f", nodes {', '.join(f'{n.name} (CPU {n.num_cpus}, {n.resources or {}})' for n in specs)}"
+                     if specs else "")
                   + (" (generated $HOME/.ray/auth_token)" if generated else ""), file=sys.stderr)
         return self.address
+
+    # -- worker nodes (cluster/localnodes.py) -------------------------------------------------
+    def _node_specs(self, nodes: str | None, num_cpus: int | None) -> tuple[list, int]:
+        """The worker nodes asked for and the head's CPUs, checked before anything starts."""
+        if nodes is None:
+            return [], 2 if num_cpus is None else int(num_cpus)
+        if num_cpus is not None:
+            raise ClusterError("--num-cpus is the single-node head's: with --nodes the head schedules "
+                               "no work (the KubeRay head's num-cpus) and the nodes' CPUs come from --nodes")
+        try:
+            groups = localnodes.manifest_groups()
+            specs = localnodes.parse_nodes(nodes, groups)
+        except localnodes.NodesError as e:
+            raise ClusterError(str(e)) from None
+        longest = max((self.temp_dir.resolve() / n.name for n in specs), key=lambda p: len(str(p)))
+        if len(str(longest)) > MAX_TEMP_DIR_CHARS:
+            raise ClusterError(f"node temp dir {longest} is too long for Ray's unix sockets (≤ "
+                               f"{MAX_TEMP_DIR_CHARS} characters): use a shorter state folder")
+        return specs, int(groups["head"].get("num-cpus", 0))
+
+    def _start_nodes(self, state: dict, specs: list, env: dict, object_store_memory: int | None,
+                     deadline: float) -> None:
+        """Start the worker nodes (a node whose `ray start` failed gets one more try: Ray gives a
+        node 30 s to register, which a busy host can miss), record them in the state, wait until
+        the GCS lists them alive; on any failure stop everything `up` started, raise ClusterError."""
+        node_env = {k: v for k, v in env.items() if k != MARKER_ENV}
+
+        def start(todo: list) -> tuple[list, list]:
+            return localnodes.start_nodes(todo, state["gcs_address"], self.temp_dir, node_env, self.python,
+                                          MARKER_ENV, object_store_memory, timeout=max(10.0, deadline - time.time()))
+        entries, failed = start(specs)
+        if failed:
+            again = [n for n in specs if any(e["name"] == n.name for e in failed)]
+            for e in failed:
+                self._stop_processes(e, grace=3.0)
+            retried, failed = start(again)
+            by_name = {e["name"]: e for e in retried}
+            entries = [by_name.get(e["name"], e) for e in entries]
+        state["nodes"] = entries
+        self.state_path.write_text(json.dumps(state, indent=1))
+        failed = [e["error"] for e in failed]
+        missing = [n.name for n in specs]
+        while not failed and time.time() < deadline:
+            alive = {n.get("node_name") for n in self.ray_nodes() if n.get("state") == "ALIVE"}
+            missing = [n.name for n in specs if n.name not in alive]
+            if not missing:
+                return
+            time.sleep(0.5)
+        self.down(quiet=True)
+        raise ClusterError("; ".join(failed) or f"nodes {missing} did not join the head in time")
+
+    def ray_nodes(self) -> list[dict]:
+        """The cluster's nodes as the GCS sees them (Ray's state API: node_name, state, resources)."""
+        try:
+            data = self._request("/api/v0/nodes?limit=1000&detail=true", timeout=10)
+        except (OSError, ValueError):
+            return []
+        return (((data or {}).get("data") or {}).get("result") or {}).get("result") or []
+
+    def kill_node(self, name: str) -> int:
+        """SIGKILL one worker node's processes, raylet first (a lost pod); returns how many."""
+        import psutil
+
+        state = self.read_state() or {}
+        node = next((n for n in state.get("nodes", []) if n["name"] == name), None)
+        if node is None:
+            raise ClusterError(f"no node {name!r} in the local Ray head on port {self.port}; it has "
+                               f"{[n['name'] for n in state.get('nodes', [])] or 'no nodes'}")
+        procs = sorted(self._members(node).values(), key=lambda p: _name(p) != "raylet")
+        _signal(procs, signal.SIGKILL)
+        psutil.wait_procs(procs, timeout=5)
+        return len(procs)
 
     # -- HTTP job API -------------------------------------------------------------------------
     def _request(self, path: str, timeout: float = 10.0) -> Any:
@@ -476,34 +593,15 @@ class LocalRay:
         if not procs:
             return 0
 
-        def name(p):
-            try:
-                return p.name()
-            except psutil.Error:
-                return ""
-
-        raylets = [p for p in procs.values() if name(p) == "raylet"]
-        gcs = [p for p in procs.values() if name(p) == "gcs_server"]
+        raylets = [p for p in procs.values() if _name(p) == "raylet"]
+        gcs = [p for p in procs.values() if _name(p) == "gcs_server"]
         rest = [p for p in procs.values() if p not in raylets and p not in gcs]
         for bucket in (raylets, rest, gcs):
-            for p in bucket:
-                try:
-                    p.send_signal(signal.SIGTERM)
-                except psutil.Error:
-                    pass
+            _signal(bucket, signal.SIGTERM)
             _, alive = psutil.wait_procs(bucket, timeout=grace / 3)
-            for p in alive:
-                try:
-                    p.kill()
-                except psutil.Error:
-                    pass
+            _signal(alive, signal.SIGKILL)
             psutil.wait_procs(alive, timeout=2)
-        # anything spawned meanwhile (a worker started by a dying raylet)
-        for p in self._members(state).values():
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
+        _signal(self._members(state).values(), signal.SIGKILL)  # spawned meanwhile (a dying raylet's worker)
         return len(procs)
 
     def down(self, grace: float = 10.0, quiet: bool = False) -> int:
@@ -514,7 +612,8 @@ class LocalRay:
                 print(f"ratray: no local Ray head started by ratray on port {self.port}", file=sys.stderr)
             return 0
         t0 = time.time()
-        n = self._stop_processes(state, grace=grace)
+        n = sum(self._stop_processes(node, grace=grace) for node in state.get("nodes", []))
+        n += self._stop_processes(state, grace=grace)
         self.state_path.unlink(missing_ok=True)
         if state.get("gcs_ft"):  # the head is gone: its namespace's keys go too
             gcsft.cleanup(state["gcs_ft"]["redis"], state["gcs_ft"]["namespace"])
@@ -543,7 +642,24 @@ class LocalRay:
                                  "entrypoint": j.get("entrypoint")} for j in self.list_jobs()]
             except (OSError, ValueError) as e:
                 info["jobs_error"] = str(e)
+        if state.get("nodes"):
+            info["nodes"] = self.node_status(state, up)
         return info
+
+    def node_status(self, state: dict, up: bool) -> list[dict]:
+        """Each worker node `up` started: its group and Ray resources, how many of its processes
+        run, whether its raylet does, and the GCS's view of it (ALIVE / DEAD)."""
+        seen = {n.get("node_name"): n for n in self.ray_nodes()} if up else {}
+        out = []
+        for node in state["nodes"]:
+            procs = self._members(node).values()
+            ray_view = seen.get(node["name"], {})
+            out.append({"name": node["name"], "group": node["group"], "cpus": node["cpus"],
+                        "num_cpus": node["num_cpus"], "resources": node["resources"],
+                        "processes": len(procs), "raylet": any(_name(p) == "raylet" for p in procs),
+                        "state": ray_view.get("state"), "node_ip": ray_view.get("node_ip"),
+                        "node_id": ray_view.get("node_id")})
+        return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -558,12 +674,15 @@ def main(argv: list[str] | None = None) -> int:
         argv, entry = argv[:i], argv[i + 1:]
     ap = argparse.ArgumentParser(prog="cluster/local.sh",
                                  description="A local single-node Ray head (see module docstring).")
-    ap.add_argument("command", choices=["up", "down", "status", "submit", "env", "logs"])
-    ap.add_argument("job_id", nargs="?", help="for `logs`")
+    ap.add_argument("command", choices=["up", "down", "status", "submit", "env", "logs", "kill-node"])
+    ap.add_argument("job_id", nargs="?", help="JOB_ID for `logs`, a node's NAME for `kill-node`")
     ap.add_argument("--port", type=int, default=int(os.environ.get("RATRAY_RAY_PORT", DEFAULT_PORT)))
     ap.add_argument("--dashboard-port", type=int,
                     default=int(os.environ.get("RATRAY_RAY_DASHBOARD_PORT", DEFAULT_DASHBOARD_PORT)))
-    ap.add_argument("--num-cpus", type=int, default=2)
+    ap.add_argument("--num-cpus", type=int, default=None, help="the single-node head's CPUs (default 2)")
+    ap.add_argument("--nodes", default=None, metavar="SPEC|FILE",
+                    help='up: worker nodes as the KubeRay groups, e.g. "train:2 index:2x2" '
+                    "(GROUP:CPUS[xCOUNT]) or a YAML/JSON file; the head then schedules no work")
     ap.add_argument("--object-store-memory", type=int, default=None, help="bytes")
     ap.add_argument("--auth", choices=["token", "disabled"], default=os.environ.get("RATRAY_RAY_AUTH", "token"))
     ap.add_argument("--gcs-ft", nargs="?", const=os.environ.get("RATRAY_REDIS_ADDRESS", "127.0.0.1:6379"),
@@ -577,7 +696,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         lr = LocalRay(port=args.port, dashboard_port=args.dashboard_port, auth=args.auth)
         if args.command == "up":
-            print(lr.up(num_cpus=args.num_cpus, object_store_memory=args.object_store_memory, gcs_ft=args.gcs_ft))
+            print(lr.up(num_cpus=args.num_cpus, object_store_memory=args.object_store_memory, gcs_ft=args.gcs_ft,
+                        nodes=args.nodes))
+            return 0
+        if args.command == "kill-node":
+            if not args.job_id:
+                ap.error("kill-node needs a node name (see `status`)")
+            print(f"ratray: killed {lr.kill_node(args.job_id)} processes of node {args.job_id}", file=sys.stderr)
             return 0
         if args.command == "down":
             lr.down()

@@ -13,6 +13,7 @@ import io
 import ipaddress
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -38,6 +39,7 @@ def _load_localray():
 
 
 localray = _load_localray()
+localnodes = sys.modules["localnodes"]  # imported by localray (cluster/localnodes.py)
 LocalRay, port_busy, ray_exe = localray.LocalRay, localray.port_busy, localray.ray_exe
 
 
@@ -254,3 +256,95 @@ def test_local_head_submit_and_down(tmp_path, token_exists):
     assert [p for p in pids if _running(p)] == []
     assert not port_busy(port) and not port_busy(dash)
     assert lr.down() == 0  # second down is a no-op
+
+
+# A driver on the multi-node cluster: every node as the GCS lists it, where an actor asking for
+# index_node and CPU tasks run (node names), as one JSON line.
+NODES_PROBE = r'''
+import json, sys, time, ray
+ray.init(address=sys.argv[1], log_to_driver=False)
+names = {n["NodeID"]: n["NodeName"] for n in ray.nodes()}
+
+@ray.remote(num_cpus=0, resources={"index_node": 1})
+class Shard:
+    def node(self):
+        return ray.get_runtime_context().get_node_id()
+
+@ray.remote(num_cpus=1)
+def cpu_task():
+    time.sleep(0.1)
+    return ray.get_runtime_context().get_node_id()
+
+shards = [Shard.remote() for _ in range(2)]
+print(json.dumps({"nodes": [{"name": n["NodeName"], "ip": n["NodeManagerAddress"], "alive": n["Alive"],
+                             "resources": {k: v for k, v in n["Resources"].items()
+                                           if k in ("CPU", "GPU", "index_node")}} for n in ray.nodes()],
+                  "shards": [names[n] for n in ray.get([s.node.remote() for s in shards])],
+                  "cpu_tasks": sorted({names[n] for n in ray.get([cpu_task.remote() for _ in range(4)])})}))
+'''
+
+
+def test_nodes_spec_is_checked_against_the_manifest_groups_before_anything_starts(tmp_path):
+    """--nodes names groups of k8s/base/ray/raycluster.yaml; sizes come from their rayStartParams
+    (KubeRay's rule: the group's num-cpus wins over the pod's CPUs); a bad spec is refused by name."""
+    nodes = localnodes.parse_nodes("train:2 index:2x2")
+    assert [(n.name, n.group, n.cpus, n.num_cpus, n.resources) for n in nodes] == [
+        ("train-0", "train", 2, 2, {}), ("index-0", "index", 2, 0, {"index_node": 2}),
+        ("index-1", "index", 2, 0, {"index_node": 2})]
+    (tmp_path / "nodes.yaml").write_text("nodes:\n  - {group: train, cpus: 1}\n  - {group: index, cpus: 4, count: 2}\n")
+    assert [n.name for n in localnodes.parse_nodes(str(tmp_path / "nodes.yaml"))] == ["train-0", "index-0", "index-1"]
+    for spec, says in (("gpu:2", "unknown group 'gpu'; the manifest raycluster.yaml has index, train"),
+                       ("train", "'train' is not GROUP:CPUS"), ("index:1x0", "the count must be >= 1"),
+                       ("", "no node given"), (str(tmp_path / "none.yaml"), "no such file")):
+        with pytest.raises(localnodes.NodesError, match=re.escape(says)):
+            localnodes.parse_nodes(spec)
+    lr = LocalRay(port=7020, temp_dir=tmp_path / "head")
+    with pytest.raises(localray.ClusterError, match="--num-cpus is the single-node head's"):
+        lr.up(num_cpus=2, nodes="train:1")
+    with pytest.raises(localray.ClusterError, match="unknown group 'gpu'"):
+        lr.up(nodes="gpu:1")
+    assert not (tmp_path / "head").exists()  # refused before anything started
+
+
+@pytest.mark.slow
+def test_local_cluster_with_nodes_places_shards_on_index_nodes_and_down_stops_every_process(tmp_path):
+    """`up --nodes "train:1 index:1"`: a head with no CPUs, a train node with 1 CPU and an index
+    node with index_node: 2 and no CPUs, all on 127.0.0.1 with token auth; actors asking for
+    index_node land on the index node, CPU tasks on the train node; `kill-node` kills one node's
+    processes; `down` leaves none of anyone's."""
+    home = tmp_path / "home"
+    port, dash = _free_ports(6610)
+    ray_tmp = tempfile.mkdtemp(prefix="ratray-n-", dir="/tmp")
+    lr = LocalRay(port=port, dashboard_port=dash, temp_dir=ray_tmp, extra_env={"HOME": str(home)})
+    pids: list[int] = []
+    try:
+        lr.up(nodes="train:1 index:1", object_store_memory=80 * 1024 * 1024)
+        state = lr.read_state()
+        pids = lr.processes() + [p for n in state["nodes"] for p in lr._members(n)]
+        env = {**lr.base_env(), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # as the head's drivers
+        r = subprocess.run([sys.executable, "-c", NODES_PROBE, lr.gcs_address], env=env,
+                           capture_output=True, text=True, timeout=180)
+        assert r.returncode == 0, r.stderr[-3000:]
+        seen = json.loads(r.stdout.strip().splitlines()[-1])
+        nodes = {n["name"]: n for n in seen["nodes"]}
+        assert set(nodes) == {"127.0.0.1", "train-0", "index-0"}  # the head keeps Ray's default name
+        assert all(n["alive"] and n["ip"] == "127.0.0.1" for n in nodes.values())
+        assert nodes["127.0.0.1"]["resources"] == {}  # the head schedules no work
+        assert nodes["train-0"]["resources"] == {"CPU": 1.0}
+        assert nodes["index-0"]["resources"] == {"index_node": 2.0}
+        assert seen["shards"] == ["index-0", "index-0"] and seen["cpu_tasks"] == ["train-0"]
+        # every node's sockets on the loopback interface only
+        assert {ip for ip, _ in _listening(pids)} == {"127.0.0.1"}
+        status = {n["name"]: n for n in lr.status()["nodes"]}
+        assert status["index-0"]["state"] == "ALIVE" and status["index-0"]["raylet"]
+        assert status["index-0"]["resources"] == {"index_node": 2} and status["train-0"]["num_cpus"] == 1
+        # a lost node: its processes are gone, the rest of the cluster runs on
+        assert lr.kill_node("index-0") > 0
+        status = {n["name"]: n for n in lr.status()["nodes"]}
+        assert status["index-0"]["processes"] == 0 and not status["index-0"]["raylet"]
+        assert status["train-0"]["raylet"] and lr.is_up()
+    finally:
+        lr.down(grace=6.0)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert len(pids) > 10 and [p for p in pids if _running(p)] == []
+    assert not port_busy(port) and not port_busy(dash) and lr.down() == 0
