@@ -73,6 +73,15 @@ def server_env(backend: str, allowed_hosts: list[str], workers: int) -> dict[str
             "MLFLOW_WORKERS": str(int(workers)), **SHARED_ENV}
 
 
+def healthy(url: str) -> bool:
+    """True when the MLflow server or UI at `url` answers ``/health`` with 200."""
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=3) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
 def _pg_exec(pg: str, sql: str, args: tuple = ()) -> list:
     try:
         import psycopg
@@ -143,11 +152,7 @@ class MlflowServer:
         return bool(s) and _alive(s["pid"], s.get("create_time"))
 
     def _healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(self.url + "/health", timeout=3) as r:
-                return r.status == 200
-        except OSError:
-            return False
+        return healthy(self.url)
 
     def up(self, timeout: float = 180.0, quiet: bool = False) -> str:
         """Create the database if missing, migrate its schema, start the server; returns its URL."""

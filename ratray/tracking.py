@@ -21,9 +21,15 @@ Knows nothing of models: callers hand it plain dicts of params and floats.
   mutable, so a later resume overwrites it with the newest value) plus a warning. Nothing crashes.
 - Values are stringified and truncated to MLflow's param limit (6000 chars, tags 8000) with a
   trailing ``...`` marker.
+
+What the MLflow UI shows (experiment kind, chart order, description, datasets): ratray/mlflow_view.py.
+System metrics (CPU, memory, disk, network; GPU with pynvml): ``Tracker.start(...,
+system_metrics=seconds)`` samples them on the tracking process (rank 0) under ``system/`` until
+:meth:`Tracker.end`.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -33,6 +39,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from ratray.mlflow_view import describe_run, run_url, typed_experiment
 from ratray.workdir import Workdir
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -46,6 +53,7 @@ MAX_TAG_VAL_LENGTH = 8000  # mlflow.utils.validation.MAX_TAG_VAL_LENGTH
 _PARAMS_PER_BATCH = 100  # MAX_PARAMS_TAGS_PER_BATCH
 _METRICS_PER_BATCH = 1000  # MAX_METRICS_PER_BATCH
 _TRUNC = "..."
+DATASET_CONTEXT = "training"
 
 
 def tracking_uri(workdir: str | os.PathLike) -> str:
@@ -99,7 +107,7 @@ def ui_command(uri: str, port: int = 5000) -> str:
     if uri.startswith(("http://", "https://")):
         return f"{shlex.quote(sys.executable)} -m webbrowser {shlex.quote(uri)}"
     return (f"MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false {shlex.quote(_mlflow_cli())} ui "
-            f"--backend-store-uri {shlex.quote(uri)} --host 127.0.0.1 --port {port}")
+            f"--backend-store-uri {shlex.quote(uri)} --host 127.0.0.1 --port {port} --workers 1")
 
 
 class Tracker:
@@ -112,6 +120,7 @@ class Tracker:
         self._uri = uri
         self.resumed = resumed
         self._ended = False
+        self._monitor = None  # the system-metrics sampler, when started
         self.logged_through = self._last_step() if resumed else None  # steps <= this: skipped
 
     def _last_step(self) -> int | None:
@@ -124,7 +133,8 @@ class Tracker:
     @classmethod
     def start(cls, workdir: str | os.PathLike, experiment: str, run_name: str,
               params: Mapping[str, Any] | None = None, tags: Mapping[str, Any] | None = None,
-              resume: bool = True) -> "Tracker":
+              resume: bool = True, system_metrics: float | None = None) -> "Tracker":
+        """`system_metrics`: sample CPU/memory/disk/network every that many seconds (None: off)."""
         from mlflow import MlflowClient
 
         uri = tracking_uri(workdir)
@@ -132,20 +142,10 @@ class Tracker:
             Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         client = MlflowClient(tracking_uri=uri)
 
-        exp = client.get_experiment_by_name(experiment)
-        if exp is None:
-            artifact_location = None
-            if "://" not in uri or uri.startswith(("sqlite:", "file:")):
-                artifact_location = Workdir(workdir).mlartifacts.as_uri()
-            try:
-                experiment_id = client.create_experiment(experiment, artifact_location=artifact_location)
-            except Exception:  # created concurrently by another process: use theirs
-                exp = client.get_experiment_by_name(experiment)
-                if exp is None:
-                    raise
-                experiment_id = exp.experiment_id
-        else:
-            experiment_id = exp.experiment_id
+        artifact_location = None
+        if "://" not in uri or uri.startswith(("sqlite:", "file:")):
+            artifact_location = Workdir(workdir).mlartifacts.as_uri()
+        experiment_id = typed_experiment(client, experiment, artifact_location)
 
         run_id = None
         if resume:
@@ -167,7 +167,30 @@ class Tracker:
             tracker.set_tags(tags)
         if params:
             tracker.log_params(params)
+        if system_metrics:
+            tracker._start_system_metrics(system_metrics)
         return tracker
+
+    def _start_system_metrics(self, interval: float) -> None:
+        """MLflow's sampler thread (needs psutil) logging ``system/*`` to this run; a resumed run
+        continues its steps."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # its start/stop lines
+        self._monitor = SystemMetricsMonitor(self._run_id, sampling_interval=interval,
+                                             resume_logging=self.resumed, tracking_uri=self._uri)
+        self._monitor.start()
+
+    def _stop_system_metrics(self) -> None:
+        """Stop the sampler; what it sampled since its last point is logged too (a short run)."""
+        mon, self._monitor = self._monitor, None
+        if mon is None:
+            return
+        mon.finish()
+        last = mon.aggregate_metrics()
+        if last:
+            mon.publish_metrics(last)
+            mon.mlflow_logger.flush()
 
     # -- properties ---------------------------------------------------------------------------
     @property
@@ -237,9 +260,30 @@ class Tracker:
         """``name`` is the artifact file (``.json`` or ``.yaml``/``.yml`` picks the format)."""
         self._client.log_dict(self._run_id, obj, name)
 
+    def log_dataset(self, name: str, digest: str, source: str, profile: Mapping[str, Any],
+                    schema: Mapping[str, Any] | None = None, context: str = DATASET_CONTEXT) -> None:
+        """Record a dataset as an input of the run (the UI's "Datasets"): `digest` identifies its
+        content (at most 36 characters), `profile` its counts, `source` where it lives."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        if not name or not digest or len(digest) > 36:
+            raise ValueError(f"dataset {name!r}: a name and a digest of 1-36 characters are needed, "
+                             f"got digest {digest!r}")
+        ds = Dataset(name=name, digest=digest, source_type="local", source=json.dumps({"uri": source}),
+                     schema=json.dumps(schema) if schema else None, profile=json.dumps(dict(profile)))
+        self._client.log_inputs(self._run_id, datasets=[
+            DatasetInput(ds, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])])
+
     def end(self, status: str = "FINISHED") -> None:
+        """Stop the system-metrics sampler, write the run's description, set its final status."""
         if status not in ("FINISHED", "FAILED", "KILLED"):
             raise ValueError(f"status must be FINISHED|FAILED|KILLED, got {status!r}")
+        self._stop_system_metrics()
+        try:
+            describe_run(self._client, self._run_id)
+        except Exception as e:  # the description is a view: never fail a run over it
+            log.warning("tracking: run description not written: %s", e)
         self._client.set_terminated(self._run_id, status=status)
         self._ended = True
 
@@ -247,9 +291,10 @@ class Tracker:
         """The shell command that opens the MLflow UI on this store."""
         return ui_command(self._uri, port)
 
-    def run_url(self, port: int = 5000) -> str:
+    def run_url(self, port: int = 5000, tab: str = "model-metrics") -> str:
+        """This run's page: on the tracking server, or on `mlflow ui` at `port`."""
         base = self._uri if self._uri.startswith(("http://", "https://")) else f"http://127.0.0.1:{port}"
-        return f"{base.rstrip('/')}/#/experiments/{self._experiment_id}/runs/{self._run_id}"
+        return run_url(base, self._experiment_id, self._run_id, tab)
 
     def __enter__(self) -> "Tracker":
         return self
@@ -283,13 +328,16 @@ class NullTracker:
     def log_dict(self, obj: Any, name: str) -> None:
         pass
 
+    def log_dataset(self, *args, **kwargs) -> None:
+        pass
+
     def end(self, status: str = "FINISHED") -> None:
         pass
 
     def ui_command(self, port: int = 5000) -> str:
         return ""
 
-    def run_url(self, port: int = 5000) -> str:
+    def run_url(self, port: int = 5000, tab: str = "model-metrics") -> str:
         return ""
 
     def __enter__(self) -> "NullTracker":
@@ -301,11 +349,12 @@ class NullTracker:
 
 def make_tracker(rank: int, workdir: str | os.PathLike, experiment: str, run_name: str,
                  params: Mapping[str, Any] | None = None, tags: Mapping[str, Any] | None = None,
-                 resume: bool = True) -> Tracker | NullTracker:
+                 resume: bool = True, system_metrics: float | None = None) -> Tracker | NullTracker:
     """A real :class:`Tracker` on rank 0, a :class:`NullTracker` on every other rank."""
     if rank != 0:
         return NullTracker()
-    return Tracker.start(workdir, experiment, run_name, params=params, tags=tags, resume=resume)
+    return Tracker.start(workdir, experiment, run_name, params=params, tags=tags, resume=resume,
+                         system_metrics=system_metrics)
 
 
 def plot_curves(history: Mapping[str, Iterable[tuple[int, float]]], path: str | os.PathLike,

@@ -1,13 +1,16 @@
 """MLflow tracking on a tmp sqlite store: params/metrics read back, resume, env URI, no-op ranks."""
 from __future__ import annotations
 
+import json
 import os
+import time
 from types import SimpleNamespace
 
 import pytest
 from mlflow import MlflowClient
 
 from ratray import tracking
+from ratray.mlflow_view import EXPERIMENT_KIND_TAG, MODEL_TRAINING, NOTE_TAG, headline, store_dataset
 from ratray.tracking import (MAX_PARAM_VAL_LENGTH, NullTracker, Tracker, make_tracker, plot_curves,
                              tracking_uri)
 
@@ -229,3 +232,103 @@ def test_steps_redone_after_a_resume_are_not_logged_twice(store, no_env_uri):
     t2.end()
     hist = _history(MlflowClient(tracking_uri=t2.uri), t2.run_id, "loss")
     assert hist == [(1, 9.0), (2, 8.0), (3, 7.0), (4, 6.0), (5, 15.0), (6, 14.0)]
+
+
+# ---------------------------------------------------------------------------------------------
+# what the MLflow UI shows (ratray/mlflow_view.py): experiment kind, headline charts, description,
+# the corpus as a dataset, system metrics
+
+
+@pytest.fixture(scope="module")
+def chunk_store(tmp_path_factory):
+    """A real chunk store of 5 stdlib modules (32-token BPE chunks), built without Ray."""
+    from ratray.config import ChunkConfig, CorpusConfig
+    from ratray.data.chunks import build_chunk_store
+
+    return build_chunk_store(CorpusConfig(max_docs=5, max_bytes=30_000, val_fraction=0.2),
+                             ChunkConfig(chunk_tokens=32, vocab_size=512),
+                             tmp_path_factory.mktemp("chunks"), progress=False)
+
+
+@pytest.fixture(scope="module")
+def viewed(store, chunk_store, tmp_path_factory, no_env_uri):
+    """A run as the training worker logs it: system metrics sampled every 0.2 s, the chunk store
+    as its dataset (logged again by a resume), metrics with their headline copies, a plot at the
+    top level and one in eval/; ended, then resumed and ended again."""
+    t = Tracker.start(store, "exp-view", "run-view", system_metrics=0.2)
+    t.log_dataset(**store_dataset(chunk_store.path))
+    for step in (1, 2):
+        m = {"loss": 3.0 - step, "lr": 1e-3, "val_bpb_retro_on": 2.0 - 0.1 * step, "val_tokens": 9}
+        t.log_metrics({**m, **headline(m)}, step=step)
+    png = plot_curves({"loss": [(1, 2.0), (2, 1.0)]}, tmp_path_factory.mktemp("p") / "loss.png")
+    t.log_artifact(png)
+    t.log_artifact(png, "eval")
+    time.sleep(0.5)  # a few system-metric samples
+    t.end()
+    t2 = Tracker.start(store, "exp-view", "run-view")
+    t2.log_dataset(**store_dataset(chunk_store.path))
+    t2.end()
+    client = MlflowClient(tracking_uri=t.uri)
+    return SimpleNamespace(tracker=t, client=client, run=client.get_run(t.run_id),
+                           exp=client.get_experiment(t.experiment_id))
+
+
+def test_experiments_are_typed_as_model_training(viewed):
+    assert viewed.exp.tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING == "custom_model_development"
+
+
+def test_an_untyped_experiment_is_typed_and_a_chosen_kind_kept(store, no_env_uri):
+    client = MlflowClient(tracking_uri=tracking_uri(store))
+    old = client.create_experiment("exp-untyped")  # as ratray created experiments before
+    chosen = client.create_experiment("exp-genai", tags={EXPERIMENT_KIND_TAG: "genai_development"})
+    Tracker.start(store, "exp-untyped", "r").end()
+    Tracker.start(store, "exp-genai", "r").end()
+    assert client.get_experiment(old).tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING
+    assert client.get_experiment(chosen).tags[EXPERIMENT_KIND_TAG] == "genai_development"
+
+
+def test_headline_copies_loss_and_bpb_only():
+    m = {"loss": 1.0, "lr": 0.1, "val_bpb_retro_on": 2.0, "val_bpb": 2.1, "val_loss": 3.0,
+         "tokens_per_s": 5.0, "system/cpu": 9.0}
+    assert headline(m) == {"headline/loss": 1.0, "headline/val_bpb_retro_on": 2.0,
+                           "headline/val_bpb": 2.1, "headline/val_loss": 3.0}
+
+
+def test_the_chunk_store_is_the_runs_training_dataset_once(viewed, chunk_store):
+    inputs = viewed.run.inputs.dataset_inputs
+    assert len(inputs) == 1  # the resume logged the same dataset again: still one input
+    (ds_in,) = inputs
+    ds = ds_in.dataset
+    counts = chunk_store.meta["counts"]
+    assert ds.name == "stdlib/bpe-32" and ds.digest == chunk_store.key[:16]
+    assert {t.key: t.value for t in ds_in.tags}["mlflow.data.context"] == "training"
+    profile = json.loads(ds.profile)
+    assert profile["num_rows"] == len(chunk_store) == counts["chunks"]["total"]
+    assert profile["documents"] == counts["documents"] and profile["tokens"] == counts["tokens"]
+    assert json.loads(ds.source)["uri"] == str(chunk_store.path.resolve())
+
+
+def test_a_dataset_without_a_valid_digest_is_refused(viewed):
+    with pytest.raises(ValueError, match="digest of 1-36 characters"):
+        viewed.tracker.log_dataset("x", "d" * 37, "/x", {"num_rows": 1})
+
+
+def test_system_metrics_are_sampled_while_the_run_lasts(viewed):
+    keys = set(viewed.run.data.metrics)
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= keys
+    cpu = viewed.client.get_metric_history(viewed.run.info.run_id, "system/cpu_utilization_percentage")
+    assert len(cpu) >= 2 and all(0 <= m.value <= 100 for m in cpu)
+
+
+def test_the_description_shows_the_headline_and_every_plot(viewed):
+    note = viewed.run.data.tags[NOTE_TAG]
+    rid = viewed.run.info.run_id
+    assert "loss **1.0000**" in note and "val_bpb_retro_on **1.8000**" in note
+    assert f"![loss.png](get-artifact?path=loss.png&run_uuid={rid})" in note
+    assert f"![eval/loss.png](get-artifact?path=eval%2Floss.png&run_uuid={rid})" in note
+
+
+def test_run_links_open_the_model_training_view(viewed):
+    t = viewed.tracker
+    assert t.run_url(5005) == (f"http://127.0.0.1:5005/#/experiments/{t.experiment_id}/runs/"
+                               f"{t.run_id}/model-metrics?workflowType=machine_learning")

@@ -8,10 +8,13 @@ it. Reads top to bottom in `run()`:
     model + optimizer groups      the method's model knows its AdamW groups
     deepspeed.initialize          torch AdamW + warmup/cosine (no JIT-compiled DeepSpeed op)
     resume                        weights, optimizer, schedule, step, history, the method's state
+    MLflow (rank 0)               the run (resumed by name), its dataset (the chunk store: name, digest,
+                                  counts), system metrics every SYSTEM_METRICS_S seconds
     for step, micro-step:         loss = method.micro_step(step, micro)   (it prefetches the next
                                   batch's retrieval while this one computes) → backward → step
         after_step(done)          e.g. REALM's refresh request
-        every log / eval / checkpoint interval: metrics (common + the method's) → MLflow on rank 0,
+        every log / eval / checkpoint interval: metrics (common + the method's) → MLflow on rank 0
+            (loss and bpb also under headline/, the UI's first charts: ratray/mlflow_view.py),
             a progress line, then a checkpoint with `ray.train.report`, or the report alone
     a finished run relaunched:    evaluate and report again
 
@@ -32,6 +35,8 @@ from pathlib import Path
 import numpy as np
 
 from ratray.train.checkpoint import CKPT_TAG, run_meta, seal, verify
+
+SYSTEM_METRICS_S = 10.0  # rank 0 samples CPU, memory, disk and network into MLflow this often
 
 
 def quiet_libraries() -> None:
@@ -121,6 +126,7 @@ class TrainWorker:
         import ray.train
         import torch
 
+        from ratray.mlflow_view import headline, store_dataset
         from ratray.tracking import make_tracker
         from ratray.train.deepspeed_cfg import deepspeed_config, lr_lambda
         from ratray.train.sampler import SequenceSampler
@@ -146,9 +152,11 @@ class TrainWorker:
             start, self.history = client["step"], client["history"]
             self.resume(client)
         self.tracker = make_tracker(self.rank, workdir=self.job.workdir, experiment=self.job.experiment,
-                                    run_name=t.run_name, resume=True,
+                                    run_name=t.run_name, resume=True, system_metrics=SYSTEM_METRICS_S,
                                     params={**self.config["job"], "model": self.config["model"]})
         self.tracker.set_tags({**self.tags(), "ratray.resumed_from_step": str(start)})
+        if self.tracker.enabled:  # rank 0: the corpus the run reads, as the run's dataset
+            self.tracker.log_dataset(**store_dataset(self.config["store_path"]))
 
         # the loop
         t_last, losses = time.perf_counter(), []
@@ -181,7 +189,7 @@ class TrainWorker:
                     self.history[key].append([done, metrics[key]])
             if last:
                 self.history["final"] = dict(metrics)
-            self.tracker.log_metrics(metrics, step=done)
+            self.tracker.log_metrics({**metrics, **headline(metrics)}, step=done)
             if self.rank == 0:  # write(): Ray Train's patched print() would log it twice
                 sys.stdout.write(self.progress_line(done, metrics) + "\n")
                 sys.stdout.flush()
