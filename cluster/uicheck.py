@@ -283,6 +283,7 @@ def _pages(base: str, f: dict) -> list[dict]:
 
     url = lambda tab: run_url(base, f["experiment_id"], f["run_id"], tab)  # noqa: E731
     name = f["run_name"]
+    shown = next((p for p in f["plots"] if "/" in p), f["plots"][0] if f["plots"] else None)
     return [
         # the first screen of the Model metrics tab: the headline section's charts, drawn (the UI
         # draws a chart only once it is on screen: its legend in the text means it was seen)
@@ -290,8 +291,9 @@ def _pages(base: str, f: dict) -> list[dict]:
          "expect": [name, *[b for b in f["bpb"]], *[f"{name} ({k})" for k in f["headline"]]]},
         {"page": "overview", "url": url(""), "images": len(f["plots"]), "absent": GENAI_ONLY,
          "expect": [name, *f["datasets"]]},
-        {"page": "artifacts", "url": url("artifacts"),
-         "expect": [name, *[p for p in f["top_artifacts"]]]},
+        # the artifacts tab opened on the report's first plot (else the loss plot): previewed
+        {"page": "artifacts", "url": url(f"artifacts/{shown}" if shown else "artifacts"),
+         "images": 1 if shown else 0, "expect": [name, *f["top_artifacts"], *([shown] if shown else [])]},
         {"page": "system-metrics", "url": url("system-metrics"), "charts": 1 if f["system"] else 0,
          "expect": [name, *["cpu_utilization_percentage"][:len(f["system"])]]},
     ]
@@ -308,7 +310,7 @@ async def _visit(browser: Chromium, pages: list[dict], out: Path, timeout: float
             st = await tab.wait_for(p["expect"], charts=p.get("charts", 0), images=p.get("images", 0),
                                     timeout=timeout)
             shot = await tab.screenshot(out / f"{p['page']}.png")
-            images = [i for i in st["images"] if "get-artifact" in i["src"]]
+            images = [i for i in st["images"] if "get-artifact" in i["src"] or i["src"].startswith("blob:")]
             unexpected = [s for s in p.get("absent", []) if s in st["text"]]
             ok = not st["missing"] and not unexpected and st["charts"] >= p.get("charts", 0) \
                 and len(images) >= p.get("images", 0)

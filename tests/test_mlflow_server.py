@@ -9,7 +9,6 @@ saying why, only when PostgreSQL is unreachable. A run is logged through ``ratra
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import socket
@@ -23,17 +22,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.cluster_tools import load
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "cluster" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-mlflowserver = _load("mlflowserver")
+mlflowserver = load("mlflowserver")
 PG = os.environ.get("RATRAY_POSTGRES", mlflowserver.DEFAULT_PG)
 
 
