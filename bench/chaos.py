@@ -20,6 +20,12 @@ Scenarios (one local Ray for all, 2 CPUs; a small stdlib corpus, 32-token chunks
   the clean build's.
 - concurrent_builds: two builds started at once on one workdir. Pass: at most one fails, and then
   with an error that says the workdir is in use; the result equals the clean build.
+- gcs_kill_training: RETRO training with online retrieval as a Ray job on a head of its own whose
+  GCS state is in Redis (cluster/local.sh up --gcs-ft), the gcs_server SIGKILLed a third of the way
+  in and restarted by the keeper (bench/gcs_ft_train.py). Pass: the job SUCCEEDED with every step
+  logged once, no Ray Train retry, the same shard-actor and Ray Train worker processes throughout
+  (train.max_failures=0: a failed search would fail the job). Reported: the step gap spanning the
+  kill against the median.
 - unschedulable_shard: an index whose shard actors need a resource no node has, service.timeout_s
   = --shard-timeout. Pass: launching or searching fails within --deadline seconds with an error
   that names the shard and the resource.
@@ -257,6 +263,15 @@ def concurrent_builds(tmp: Path, clean: Path, a) -> dict:
     return {**rep, "compared_with_clean_build": cmp, "passed": clear and cmp["equal"]}
 
 
+def gcs_kill_training(tmp: Path, clean: Path, a) -> dict:
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gcs_ft_train
+
+    rep = gcs_ft_train.scenario(clean, a.redis, a.gcs_steps, a.gcs_steps // 3, a.gcs_port, run_name="chaos-gcs")
+    print(gcs_ft_train.headline(rep), flush=True)
+    return rep
+
+
 def unschedulable_shard(tmp: Path, clean: Path, a) -> dict:
     from ratray.config import ServiceConfig
     from ratray.index.service import ShardedIndex
@@ -397,7 +412,7 @@ def realm_kills(tmp: Path, clean: Path, a) -> dict:
 
 
 SCENARIOS = {f.__name__: f for f in (retro_shard_kills, realm_kills, build_kills, concurrent_builds,
-                                     unschedulable_shard)}
+                                     gcs_kill_training, unschedulable_shard)}
 
 
 def main() -> int:
@@ -412,6 +427,10 @@ def main() -> int:
     p.add_argument("--deadline", type=float, default=120.0,
                    help="unschedulable_shard fails if no error came by then")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gcs-steps", type=int, default=30, help="RETRO steps of gcs_kill_training")
+    p.add_argument("--gcs-port", type=int, default=6670, help="GCS port of gcs_kill_training's head")
+    p.add_argument("--redis", default=os.environ.get("RATRAY_REDIS_ADDRESS", "127.0.0.1:6379"),
+                   help="Redis holding gcs_kill_training's GCS state")
     a = p.parse_args()
     names = list(SCENARIOS) if a.scenarios == "all" else a.scenarios.split(",")
     unknown = [n for n in names if n not in SCENARIOS]

@@ -13,8 +13,10 @@ What KubeRay's ``gcsFaultToleranceOptions`` does on Kubernetes, done for one loc
   It polls the gcs_server every 0.2 s and, when it is gone, starts it again with the same command
   line, environment and log files; the new GCS reloads the cluster's state from Redis, and the
   raylet, workers and actors reconnect (they wait up to ``RAY_gcs_rpc_server_reconnect_timeout_s``,
-  60 s by default). Each restart is appended to the head's state (``gcs_restarts``: when the GCS was
-  found dead, when it was started again, its new pid) and ``gcs_pid`` follows the new process.
+  60 s by default). ``$RATRAY_GCS_RESTART_DELAY_S`` (chaos runs only, default 0) makes the keeper
+  wait that long before the restart, as a Kubernetes head pod takes a while to come back. Each
+  restart is appended to the head's state (``gcs_restarts``: when the GCS was found dead, when it
+  was started again, its new pid) and ``gcs_pid`` follows the new process.
 - During the recovery running tasks and actors keep working; actor creation, placement groups and
   new worker processes wait for the GCS (Ray docs).
 """
@@ -122,6 +124,7 @@ def keep(state_path: Path) -> int:
             time.sleep(POLL_S)
             continue
         died = time.time()
+        time.sleep(float(os.environ.get("RATRAY_GCS_RESTART_DELAY_S", "0") or 0))
         with open(out, "a") as fo, open(err, "a") as fe:
             proc = subprocess.Popen(snap["cmdline"], env=snap["environ"], cwd=snap["cwd"], stdout=fo, stderr=fe,
                                     stdin=subprocess.DEVNULL)
