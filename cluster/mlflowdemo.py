@@ -110,7 +110,8 @@ def _print(name: str, r: dict) -> None:
     print(f"== {name}: run {r['run_name']} ({r['run_id']}) {r['status']}, artifacts at {r['artifact_uri']}")
     print(f"   experiment kind: {r['experiment_kind']}; dataset: {r['datasets']}")
     print(f"   {r['params']} params, e.g. {r['params_sample']}")
-    print(f"   metrics: {r['metrics']}")
+    print(f"   {len(r['metrics'])} metrics, headline: "
+          f"{ {k: v for k, v in r['metrics'].items() if k.startswith('headline/')} }")
     print(f"   loss history: {r['loss_history']}")
     print(f"   system metrics: {len(r['system_metrics'])} ({', '.join(r['system_metrics'][:3])}, ...)")
     print(f"   artifacts: {r['artifacts']}")
@@ -136,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ratray: {e}", file=sys.stderr)
         return 2
     os.environ["MLFLOW_TRACKING_URI"] = srv.url
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # one bar per downloaded file
     out, t0 = {"server": srv.url, "database": srv.database, "runs": {}}, time.time()
     try:
         import ray

@@ -5,16 +5,17 @@ Checked in a real browser: cluster/uicheck.py (`make ui-check`, tests/test_mlflo
     worker, every log step ─► metrics + headline(metrics)  (loss, *bpb* again under headline/)
     Tracker.end ─► describe_run: tag mlflow.note.content = Markdown (headline figures, every PNG
                    artifact as an image from the UI's get-artifact); again after later artifacts
-    printed links ─► run_url: the run's Model metrics tab, ?workflowType=machine_learning
+    run links     ─► run_url: the run's Model metrics tab, ?workflowType=machine_learning
 
 - Experiment kind: the tag is set when ratray creates the experiment, or finds it without one (a
   kind someone picked in the UI is kept; the UI writes the same tag). The 3.17 UI itself shows
   the kind of its GenAI / Model training switch: the URL's ``?workflowType=machine_learning``,
-  else the browser's last choice (GenAI at first). So the links printed carry it.
+  else the browser's last choice (GenAI at first). So the links ratray builds carry it.
 - Charts first: the run page's "Model metrics" tab draws one section per metric-name prefix ("a/b"
   goes to section "a"), prefixed sections above the unprefixed "Model metrics", charts
-  alphabetical. Copies under ``headline/`` make loss and bits-per-byte the first row; the plain
-  names stay what every reader of the run uses.
+  alphabetical. Copies under ``headline/`` make loss and bits-per-byte (REALM: held-out accuracy
+  and exact match, with retrieval and null-only) the first row; the plain names stay what every
+  reader of the run uses.
 - Plots: the run's Overview shows its description (Markdown, images allowed): the headline
   figures, then the loss plot, the method's plots and the evaluation report's (``eval/``).
 - Datasets: :meth:`ratray.tracking.Tracker.log_dataset`, the corpus as a run input with context
@@ -32,10 +33,17 @@ HEADLINE = "headline/"  # the first section of the run's metric charts
 MAX_NOTE = 8000  # mlflow.utils.validation.MAX_TAG_VAL_LENGTH
 
 
+# besides every *bpb* metric: the losses, and REALM's held-out accuracy and span exact match with
+# retrieval and with the null document only (its counterpart of RETRO[ON] / RETRO[OFF] bpb)
+HEADLINE_KEYS = ("loss", "val_loss", "val_acc_retrieval", "val_acc_null", "val_exact_retrieval",
+                 "val_exact_null")
+
+
 def headline(metrics: Mapping[str, Any]) -> dict[str, Any]:
-    """The loss and bits-per-byte metrics again under ``headline/`` (their chart section comes first)."""
+    """The losses, bits-per-byte and REALM's held-out accuracies again under ``headline/`` (their
+    chart section comes first)."""
     return {HEADLINE + k: v for k, v in metrics.items()
-            if (k in ("loss", "val_loss") or "bpb" in k) and "/" not in k}
+            if (k in HEADLINE_KEYS or "bpb" in k) and "/" not in k}
 
 
 def run_url(base: str, experiment_id: str, run_id: str, tab: str = "model-metrics") -> str:

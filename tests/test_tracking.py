@@ -287,11 +287,13 @@ def test_an_untyped_experiment_is_typed_and_a_chosen_kind_kept(store, no_env_uri
     assert client.get_experiment(chosen).tags[EXPERIMENT_KIND_TAG] == "genai_development"
 
 
-def test_headline_copies_loss_and_bpb_only():
+def test_headline_copies_losses_bpb_and_realms_heldout_accuracies_only():
     m = {"loss": 1.0, "lr": 0.1, "val_bpb_retro_on": 2.0, "val_bpb": 2.1, "val_loss": 3.0,
-         "tokens_per_s": 5.0, "system/cpu": 9.0}
+         "tokens_per_s": 5.0, "system/cpu": 9.0, "val_acc_retrieval": 0.4, "val_exact_null": 0.1,
+         "val_exact_gain_lo": 0.0, "acc_retrieval": 0.3}
     assert headline(m) == {"headline/loss": 1.0, "headline/val_bpb_retro_on": 2.0,
-                           "headline/val_bpb": 2.1, "headline/val_loss": 3.0}
+                           "headline/val_bpb": 2.1, "headline/val_loss": 3.0,
+                           "headline/val_acc_retrieval": 0.4, "headline/val_exact_null": 0.1}
 
 
 def test_the_chunk_store_is_the_runs_training_dataset_once(viewed, chunk_store):
