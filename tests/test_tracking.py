@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from types import SimpleNamespace
 
@@ -308,6 +309,20 @@ def test_the_chunk_store_is_the_runs_training_dataset_once(viewed, chunk_store):
     assert profile["num_rows"] == len(chunk_store) == counts["chunks"]["total"]
     assert profile["documents"] == counts["documents"] and profile["tokens"] == counts["tokens"]
     assert json.loads(ds.source)["uri"] == str(chunk_store.path.resolve())
+
+
+def test_a_live_update_of_the_store_changes_the_datasets_digest(chunk_store, tmp_path):
+    from ratray.data.append import update_store
+    from ratray.data.store import ChunkStore
+
+    copy = shutil.copytree(chunk_store.path, tmp_path / "store")
+    before = store_dataset(copy)
+    store = ChunkStore.open(copy)
+    doc, (start, stop) = next(iter(store.documents().items()))
+    update_store(store, remove=[doc])
+    after = store_dataset(copy)
+    assert after["name"] == before["name"] and after["digest"] != before["digest"]
+    assert before["profile"]["removed_chunks"] == 0 and after["profile"]["removed_chunks"] == stop - start
 
 
 def test_a_dataset_without_a_valid_digest_is_refused(viewed):
