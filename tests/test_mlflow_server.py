@@ -74,7 +74,8 @@ def _get(url: str, host: str) -> int:
 def test_a_tracked_run_lands_in_postgresql_and_reads_back(server, tmp_path, monkeypatch):
     """Params, a metric history and an artifact logged through ratray.tracking over HTTP: MlflowClient
     reads them back, the run's rows are in the server's PostgreSQL database, the artifact went
-    through the server into its artifacts destination, and nothing was written to the workdir."""
+    through the server into its artifacts destination, nothing was written to the workdir, and the
+    image the run's description shows is served by the server."""
     import mlflow
     import psycopg
 
@@ -102,6 +103,12 @@ def test_a_tracked_run_lands_in_postgresql_and_reads_back(server, tmp_path, monk
     on_disk = list(server.artifacts.rglob("loss.png"))
     assert len(on_disk) == 1 and on_disk[0].read_bytes() == Path(plot).read_bytes()
     assert not (workdir / "mlflow.db").exists() and not (workdir / "mlartifacts").exists()
+    # what the UI shows: a model-training experiment, the plot in the run's description, served
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    src = f"get-artifact?path=plots%2Floss.png&run_uuid={run_id}"
+    assert f"]({src})" in run.data.tags["mlflow.note.content"]
+    with urllib.request.urlopen(f"{server.url}/{src}", timeout=30) as r:
+        assert r.read() == Path(plot).read_bytes()
 
     with psycopg.connect(mlflowserver.backend_uri(PG, server.database)) as conn:
         rows = conn.execute("SELECT name, status FROM runs WHERE run_uuid = %s", (run_id,)).fetchall()

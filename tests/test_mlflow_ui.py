@@ -18,6 +18,7 @@ from tests.cluster_tools import load
 
 uicheck = load("uicheck")
 RUN = "ui-check"
+SLOW = pytest.mark.timeout(1800)  # the index build, the run, its evaluation and the browser
 
 
 def test_a_missing_chromium_is_one_clear_error(monkeypatch, tmp_path):
@@ -55,6 +56,7 @@ def checked(request, tmp_path_factory):
     return {p["page"]: p for p in report["pages"]}, report
 
 
+@SLOW
 def test_the_run_page_opens_on_the_loss_and_bpb_charts(checked):
     pages, report = checked
     mm = pages["model-metrics"]
@@ -66,6 +68,7 @@ def test_the_run_page_opens_on_the_loss_and_bpb_charts(checked):
     assert text.index("headline") < text.index("lr")  # the headline section above the others
 
 
+@SLOW
 def test_the_overview_shows_the_dataset_and_every_plot_as_an_image(checked):
     pages, report = checked
     ov = pages["overview"]
@@ -78,6 +81,7 @@ def test_the_overview_shows_the_dataset_and_every_plot_as_an_image(checked):
     assert report["facts"]["datasets"] == ["stdlib/bpe-32"] and "stdlib/bpe-32" in ov["text"]
 
 
+@SLOW
 def test_the_artifacts_and_system_metrics_pages_show_what_was_logged(checked):
     pages, report = checked
     art = pages["artifacts"]
@@ -86,6 +90,7 @@ def test_the_artifacts_and_system_metrics_pages_show_what_was_logged(checked):
     assert pages["system-metrics"]["ok"] and pages["system-metrics"]["charts"] >= 1
 
 
+@SLOW
 def test_every_page_leaves_a_screenshot(checked):
     pages, _ = checked
     for p in pages.values():
