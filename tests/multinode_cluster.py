@@ -1,6 +1,6 @@
 """A multi-node Ray cluster on this host, as the KubeRay manifests shape it; run by test_multinode.
 
-    python tests/multinode_cluster.py WORKDIR [--train]   → one JSON line of observations on stdout
+    python tests/multinode_cluster.py WORKDIR [--train [SMALL_WORKDIR]]   → one JSON line on stdout
 
 Its own process because a `ray.cluster_utils.Cluster` needs its own Ray (the pytest session
 already runs one). The cluster mirrors k8s/base/ray: a head with no CPUs (job driver, GCS), a
@@ -13,6 +13,11 @@ each). Flow:
     ─ search (the reference answer)
     ─ a thread searches non-stop; remove the index node holding shard 0 (its raylet and workers
       killed) ─ wait until every shard answers again ─ where are they now? searches lost?
+    ─ with --train SMALL_WORKDIR: RETRO trained with online retrieval by the real driver on a copy
+      of that workdir (shards asking for index_node, a fresh index node added: two again); the
+      index node holding shard 0 removed once step 8 is logged ─ where are the shards now, did
+      every step run once, did the trainer ever restart (max_failures=0: a failed search would
+      fail the run), how long did retrieval stall?
     ─ with --train: a 1-worker trainer checkpointing every step, a spare train node added; the
       worker's node removed after step 3 ─ where did it resume, from which step, did it finish?
 """
@@ -20,7 +25,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
+import sqlite3
 import sys
 import tempfile
 import threading
@@ -135,13 +142,98 @@ def train_node_loss(cluster: Cluster, workdir: Path, steps: int = 12, kill_after
             "final_step": final, "fit_done": not fit.is_alive(), "total": steps}
 
 
+# RETRO small enough to train 30 steps in seconds on one CPU worker (tests/test_retro_train.py's TINY)
+RETRO = ["model.n_layer=2", "model.d_model=64", "model.n_head=2", "model.seq_len=128", "model.enc_layers=1",
+         "model.enc_d_model=32", "model.enc_n_head=2", "model.cca_layers=[1,2]", "train.micro_batch=2",
+         "train.warmup_steps=2", "train.log_every=1", "train.eval_sequences=2", "train.num_workers=1",
+         "train.retrieval=online", "train.max_failures=0", "train.run_name=mn-retro",
+         'service.resources={"index_node": 1}', "service.timeout_s=120"]
+
+
+def logged(db: Path, key: str) -> list[tuple[int, float]]:
+    """(step, value) of one metric the run logged so far (its MLflow store: sqlite in the workdir)."""
+    if not db.exists():
+        return []
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
+            return con.execute("SELECT step, value FROM metrics WHERE key = ? ORDER BY step, timestamp",
+                               (key,)).fetchall()
+    except sqlite3.Error:  # not created yet, or locked by a writer: the next poll reads it
+        return []
+
+
+def retro_index_node_loss(cluster: Cluster, workdir: Path, small: Path, steps: int = 30,
+                          kill_at: int = 8) -> dict:
+    """RETRO with online retrieval (the real driver, shards on index nodes); the index node holding
+    shard 0 is removed once step `kill_at` is logged. What moved where, which steps ran, whether
+    the trainer restarted, and the retrieval wait of every step."""
+    from ratray.config import load_config
+    from ratray.retro.config import RetroJobConfig
+    from ratray.retro.driver import run
+
+    wd = workdir / "retro"
+    shutil.copytree(small, wd, ignore=shutil.ignore_patterns("ray_results", "runs", "mlflow.db", "mlartifacts"))
+    fresh = cluster.add_node(num_cpus=0, resources={"index_node": 2})  # two index nodes again
+    cluster.wait_for_nodes()
+    job = load_config(RetroJobConfig, None, RETRO + [f"workdir={wd}", f"train.steps={steps}"])
+    name = f"{job.train.run_name}-index"  # the driver's service name
+    result: dict = {}
+
+    def fit():
+        try:
+            result["summary"] = run(job, progress=False)
+        except Exception as e:  # noqa: BLE001  (reported: the test names it)
+            result["error"] = f"{type(e).__name__}: {e}"[-2000:]
+
+    th = threading.Thread(target=fit, daemon=True)
+    th.start()
+    db = wd / "mlflow.db"
+    deadline = time.time() + 300
+    while time.time() < deadline and th.is_alive():
+        if len(actor_nodes(name)) == 2 and logged(db, "loss") and logged(db, "loss")[-1][0] >= kill_at:
+            break
+        time.sleep(0.2)
+    out: dict = {"fresh_index_node": fresh.node_id, "configured": steps}
+    if not th.is_alive() or time.time() >= deadline:
+        th.join(timeout=5)
+        return {**out, "error": result.get("error", "the run ended or stalled before the removal")}
+    index = ShardedIndex.connect(name, namespace=job.service.namespace)
+    out["shards_before"] = actor_nodes(name)
+    out["pids_before"] = [inf["pid"] for inf in index.info()]
+    victim = next(n for n in cluster.worker_nodes if n.node_id == out["shards_before"][0])
+    out["removed_at_step"] = logged(db, "loss")[-1][0]
+    t0 = time.perf_counter()
+    cluster.remove_node(victim)
+    out["removed"] = victim.node_id
+    while th.is_alive() and time.perf_counter() - t0 < 180:  # both shards back, elsewhere
+        after = actor_nodes(name)
+        if len(after) == 2 and victim.node_id not in after.values():
+            out["recovery_s"] = round(time.perf_counter() - t0, 2)
+            out["shards_after"] = after
+            out["pids_after"] = [inf["pid"] for inf in index.info()]
+            out["step_when_back"] = logged(db, "loss")[-1][0]
+            break
+        time.sleep(0.2)
+    th.join(timeout=300)
+    summary = result.get("summary") or {}
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
+        tags = dict(con.execute("SELECT key, value FROM tags WHERE key LIKE 'ratray.%'").fetchall())
+    return {**out, "error": result.get("error"), "fit_done": not th.is_alive(),
+            "steps": summary.get("steps"), "index_nodes": [n.node_id for n in cluster.worker_nodes
+                                                           if n.node_id != victim.node_id],
+            "logged_steps": [s for s, _ in logged(db, "loss")],
+            "wait_ms": logged(db, "retrieval_wait_ms"),
+            "resumed_from_step": tags.get("ratray.resumed_from_step"),
+            "retrieval": summary.get("retrieval")}
+
+
 @ray.remote(num_cpus=1)
 def where() -> str:
     time.sleep(0.2)  # keep the slot a moment so several tasks run at once
     return ray.get_runtime_context().get_node_id()
 
 
-def main(workdir: Path, train: bool = False) -> dict:
+def main(workdir: Path, train: bool = False, small: Path | None = None) -> dict:
     rng = np.random.default_rng(0)
     vectors = rng.standard_normal((N + 16, DIM)).astype(np.float32)  # (n + q, d)
     queries = vectors[N:]
@@ -204,6 +296,9 @@ def main(workdir: Path, train: bool = False) -> dict:
         out["answers_after_removal"] = len(answers) - answered_before
         out["failures"] = failures
         out["final_equal"] = bool(np.array_equal(index.search(queries, K).ids, ref.ids))
+        index.shutdown()  # its shards free their index_node slots
+        if small is not None:  # an index node lost while RETRO trains with online retrieval
+            out["retro"] = retro_index_node_loss(cluster, workdir, small)
         if train:  # a training node lost mid-run: the trainer resumes from its checkpoint
             out["train_loss"] = train_node_loss(cluster, workdir)
     finally:
@@ -214,4 +309,6 @@ def main(workdir: Path, train: bool = False) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(Path(sys.argv[1]), train="--train" in sys.argv[2:])))
+    args = sys.argv[2:]
+    small = args[args.index("--train") + 1] if "--train" in args and args[-1] != "--train" else None
+    print(json.dumps(main(Path(sys.argv[1]), train="--train" in args, small=Path(small) if small else None)))
