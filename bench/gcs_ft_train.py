@@ -11,15 +11,17 @@
       SIGKILLs the gcs_server; then waits for the job's end
 
 Judged on the head's own record (no stub anywhere): the job's status from the job API, the run's
-summary (steps done), its MLflow history (every step logged once, the loss finite, the
-`ratray.resumed_from_step` tag: 0 means Ray Train never restarted the worker group), and the pids
-of the shard actors and Ray Train workers seen during the whole run (one each: none restarted).
-A search that fails raises in its step, which fails the worker; the run sets train.max_failures=0,
-so a failed search fails the job: a SUCCEEDED job with every step logged once lost no query.
+summary (steps done), its MLflow history (every step logged once with a search of non-zero latency
+on the shard actors, the loss finite, the `ratray.resumed_from_step` tag: 0 means Ray Train never
+restarted the worker group), and the pids of the shard actors and Ray Train workers seen during the
+whole run (two each: none restarted). A search that fails raises in its step, which fails the
+worker; the run sets train.max_failures=0, so a failed search fails the job: a SUCCEEDED job with
+every step logged once lost no query.
 The stall: the gaps between the MLflow timestamps of consecutive steps; the longest ending while
 the GCS was down or within 10 s of its restart, against the median (--restart-delay keeps the GCS
-down that long, as a Kubernetes head pod takes a while to return). Without Redis (--no-redis) nothing restarts the GCS: what the job API, the
-job's log and `cluster/local.sh status` say is printed as found.
+down that long, as a Kubernetes head pod takes a while to return). Without Redis (--no-redis)
+nothing restarts the GCS: what the job API, the job's log and `cluster/local.sh status` say is
+printed as found.
 The head, its Redis keys and (unless --workdir is given) the workdir are removed after.
 """
 from __future__ import annotations
@@ -88,29 +90,26 @@ def role_pids(lr) -> dict[str, set[int]]:
     return out
 
 
-def mlflow_steps(workdir: Path, run_name: str) -> list[tuple[int, float, float]]:
-    """(step, loss, MLflow timestamp in s) of the run's loss points, by timestamp ([] before it exists)."""
+def _run(workdir: Path, run_name: str):
+    """(MlflowClient, the run named `run_name`) from the workdir's store, (None, None) before it exists."""
     from mlflow import MlflowClient
 
     db = workdir / "mlflow.db"
     if not db.exists():
-        return []
+        return None, None
     c = MlflowClient(f"sqlite:///{db}")
     exp = c.get_experiment_by_name("ratray-retro")
     runs = c.search_runs([exp.experiment_id], filter_string=f"tags.`ratray.run_name` = '{run_name}'") if exp else []
-    if not runs:
+    return c, (runs[0] if runs else None)
+
+
+def mlflow_steps(workdir: Path, run_name: str, key: str = "loss") -> list[tuple[int, float, float]]:
+    """(step, value, MLflow timestamp in s) of the run's `key` points, by timestamp ([] before it exists)."""
+    c, r = _run(workdir, run_name)
+    if r is None:
         return []
-    hist = sorted(c.get_metric_history(runs[0].info.run_id, "loss"), key=lambda m: m.timestamp)
+    hist = sorted(c.get_metric_history(r.info.run_id, key), key=lambda m: m.timestamp)
     return [(m.step, m.value, m.timestamp / 1e3) for m in hist]
-
-
-def run_tags(workdir: Path, run_name: str) -> dict:
-    from mlflow import MlflowClient
-
-    c = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
-    exp = c.get_experiment_by_name("ratray-retro")
-    runs = c.search_runs([exp.experiment_id], filter_string=f"tags.`ratray.run_name` = '{run_name}'")
-    return dict(runs[0].data.tags) if runs else {}
 
 
 def job_state(lr, job_id: str) -> tuple[str, str]:
@@ -149,8 +148,9 @@ def watch(lr, job_id: str, workdir: Path, run_name: str, kill_at: int, deadline:
             if steps and steps[-1][0] >= kill_at:
                 pre_kill = {r: sorted(p) for r, p in seen.items()}
                 gcs = lr.read_state()["gcs_pid"]
+                t_kill = time.time()  # before the kill: this process is niced and may wait for a core after it
                 os.kill(gcs, signal.SIGKILL)
-                killed = {"at": time.time(), "gcs_pid": gcs, "after_step": steps[-1][0]}
+                killed = {"at": t_kill, "gcs_pid": gcs, "after_step": steps[-1][0]}
                 if restarts:
                     killed["gcs_port_back_s"] = port_back(lr.port, killed["at"], after_kill)
         elif time.time() > killed["at"] + after_kill:
@@ -243,7 +243,11 @@ def judge(rep: dict, workdir: Path, run_name: str, steps: int) -> dict:
     logged = [s for s, _, _ in hist]
     rep["steps_logged"], rep["steps_logged_once"] = len(logged), logged == list(range(1, len(logged) + 1))
     rep["loss_finite"] = all(math.isfinite(v) for _, v, _ in hist)
-    rep["resumed_from_step"] = run_tags(workdir, run_name).get("ratray.resumed_from_step") if hist else None
+    _, r = _run(workdir, run_name)
+    rep["resumed_from_step"] = r.data.tags.get("ratray.resumed_from_step") if r else None
+    # each step's neighbours came from the shard actors: a search of non-zero latency was logged for it
+    rep["steps_with_online_retrieval"] = sum(v > 0 for _, v, _ in mlflow_steps(workdir, run_name,
+                                                                               "retrieval_inflight_ms"))
     if rep.get("kill"):
         back = rep["gcs_restarts"][0]["restarted"] if rep["gcs_restarts"] else None
         rep.update(stall(hist, rep["kill"]["at"], back))
@@ -252,27 +256,36 @@ def judge(rep: dict, workdir: Path, run_name: str, steps: int) -> dict:
     rep["train_workers_restarted"] = len(seen.get("train_worker", [])) > 2
     rep["passed"] = bool(rep.get("kill") and rep.get("job_status") == "SUCCEEDED" and rep["steps_completed"] == steps
                          and logged == list(range(1, steps + 1)) and rep["loss_finite"]
+                         and rep["steps_with_online_retrieval"] == steps
                          and rep["resumed_from_step"] == "0" and len(rep["gcs_restarts"]) == 1
                          and len(seen.get("shard", [])) == 2 and len(seen.get("train_worker", [])) == 2)
     return rep
 
 
 def headline(rep: dict) -> str:
-    """The result in two lines: what happened to the job, and the stall."""
+    """The result in a few lines: what happened to the job, the stall, and without a restart what
+    `status` and the job's driver said."""
     k = rep.get("kill") or {}
     restarts = rep.get("gcs_restarts") or []
     back = (f"the keeper restarted it {restarts[0]['restarted'] - restarts[0]['found_dead']:.2f} s after "
             f"finding it dead, its port answered {k.get('gcs_port_back_s')} s after the kill"
             if restarts else "nothing restarted it")
-    return (f"GCS ({rep['gcs_fault_tolerance']}) SIGKILLed after step {k.get('after_step')} of "
-            f"{rep['steps_planned']}: {back}; job {rep.get('job_status')}, {rep['steps_logged']} steps logged "
-            f"(summary: {rep['steps_completed']}), resumed_from_step {rep['resumed_from_step']}, "
-            f"shard actors restarted: {rep['shard_actors_restarted']}, Ray Train workers restarted: "
-            f"{rep['train_workers_restarted']} -> {'PASS' if rep['passed'] else 'not passed'}\n"
-            f"step gaps: median {rep.get('median_step_gap_s')} s; spanning the kill {rep.get('gap_spanning_kill_s')} s; "
-            f"longest while the GCS was down or within 10 s of its restart {rep.get('max_gap_in_outage_s')} s "
-            f"(before step {rep.get('max_gap_in_outage_before_step')}): stall {rep.get('stall_s')} s; longest of the "
-            f"run {rep.get('max_step_gap_s')} s (before step {rep.get('max_gap_before_step')})")
+    lines = [f"GCS ({rep['gcs_fault_tolerance']}) SIGKILLed after step {k.get('after_step')} of "
+             f"{rep['steps_planned']}: {back}; job {rep.get('job_status')}, {rep['steps_logged']} steps logged "
+             f"(summary: {rep['steps_completed']}), {rep['steps_with_online_retrieval']} with online retrieval, "
+             f"resumed_from_step {rep['resumed_from_step']}, shard actors restarted: {rep['shard_actors_restarted']}, "
+             f"Ray Train workers restarted: {rep['train_workers_restarted']} -> "
+             f"{'PASS' if rep['passed'] else 'not passed'}",
+             f"step gaps: median {rep.get('median_step_gap_s')} s; spanning the kill {rep.get('gap_spanning_kill_s')} s; "
+             f"longest while the GCS was down or within 10 s of its restart {rep.get('max_gap_in_outage_s')} s "
+             f"(before step {rep.get('max_gap_in_outage_before_step')}): stall {rep.get('stall_s')} s; longest of the "
+             f"run {rep.get('max_step_gap_s')} s (before step {rep.get('max_gap_before_step')})"]
+    if not restarts:
+        said = [ln for ln in rep.get("driver_log_tail", "").splitlines() if "GCS" in ln]
+        lines += [f"cluster/local.sh status 5 s after the kill: {(rep.get('local_sh_status_5s_after_kill') or {}).get('problem')}",
+                  f"running after the kill (s, processes): {rep.get('running_after_kill')}",
+                  f"the job's driver said last: {said[-1].split('] ', 1)[-1][:200] if said else '(nothing about the GCS)'}"]
+    return "\n".join(lines)
 
 
 def main() -> int:

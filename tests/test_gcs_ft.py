@@ -171,6 +171,7 @@ def test_retro_training_with_online_retrieval_finishes_every_step_through_a_gcs_
     # would have failed the job on a failed search)
     assert rep["steps_completed"] == 12 and rep["steps_logged"] == 12 and rep["steps_logged_once"]
     assert rep["resumed_from_step"] == "0" and rep["loss_finite"]
+    assert rep["steps_with_online_retrieval"] == 12  # every step's neighbours searched on the shard actors
     # the same two shard actors and two Ray Train workers before the kill and until the end
     assert {r: len(p) for r, p in rep["pids_seen"].items()} == {"shard": 2, "train_worker": 2}
     assert rep["pids_seen"] == rep["pids_before_kill"]
