@@ -1,6 +1,7 @@
 """Pretrain REALM (learned retriever, asynchronously refreshed index) with Ray Train + DeepSpeed.
 
     python jobs/realm_pretrain.py --workdir work [--config configs/realm_demo.yaml] [--set refresh.every=20]
+    python jobs/realm_pretrain.py --workdir work --config configs/realm_knowledge.yaml --compare
     ray job submit --working-dir . -- python jobs/realm_pretrain.py --workdir $PWD/work --config configs/realm_demo.yaml
 
 Builds (or reuses) the wordpiece chunk store and the run's first index, starts the shard actors and
@@ -25,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (train.steps)")
     p.add_argument("--refresh-every", type=int, default=None, help="steps between index refreshes (0 = never)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--compare", action="store_true", help="three runs of this config, compared on the "
+                   "same held-out queries: marginal likelihood refreshed / never refreshed, JSA")
     a = parse_job_args(p, argv)
 
     def work() -> str:
@@ -32,8 +35,10 @@ def main(argv: list[str] | None = None) -> int:
             "corpus.path": a.corpus, "workdir": a.workdir, "train.run_name": a.run_name,
             "train.steps": a.steps, "refresh.every": a.refresh_every})
         from ratray.eval.report import format_summary
-        from ratray.realm import driver
+        from ratray.realm import compare, driver
 
+        if a.compare:
+            return compare.format_compare(compare.run_all(job, progress=not a.quiet))
         return format_summary(driver.run(job, progress=not a.quiet))
 
     return run_job(work)

@@ -170,3 +170,20 @@ def test_knowledge_corpus_is_written_where_the_job_reads_it(tmp_path):
     got = with_knowledge(job)
     assert got.corpus.path == str(tmp_path / "knowledge" / "facts.jsonl") and got.corpus.format == "jsonl"
     assert sum(1 for _ in open(got.corpus.path, encoding="utf-8")) > 1000
+
+
+def test_one_ask_per_fact_rotates_the_templates(tmp_path):
+    counts = write_corpus(tmp_path / "one.jsonl", tables=("errno",), asks_per_fact=1)
+    docs = [json.loads(line) for line in open(tmp_path / "one.jsonl", encoding="utf-8")]
+    asks = [d["text"] for d in docs if d["id"].startswith("ask/")]
+    assert counts["asks"] == counts["facts"] == len(asks)  # each fact asked exactly once
+    starts = {" ".join(a.split()[:3]) for a in asks}
+    assert len(starts) == 3  # the three wordings, spread over the facts
+
+
+def test_wide_unicode_table_adds_facts_disjoint_from_the_default_ones():
+    base = {f.key for f in facts(("unicode",))}
+    wide = {f.key for f in facts(("unicode_wide",))}
+    assert len(wide) > 1500 and not base & wide
+    with pytest.raises(ValueError, match="unknown knowledge tables"):
+        facts(("klingon",))

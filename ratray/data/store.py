@@ -177,6 +177,15 @@ class ChunkStore:
             self._columns[name] = np.flatnonzero(mask).astype(np.int64)
         return self._columns[name]
 
+    def with_doc_prefix(self, prefix: str, ids=None) -> np.ndarray:
+        """Chunk ids (ascending) among `ids` (default: every chunk) whose document id starts with
+        `prefix`; "" keeps them all."""
+        ids = np.arange(len(self), dtype=np.int64) if ids is None else self._ids(ids)
+        if not prefix:
+            return ids
+        keep = np.char.startswith(self.doc_ids(ids).astype(str), prefix)
+        return ids[keep]
+
     def tokens(self, ids, pad_to: int | None = None) -> np.ndarray:
         """int32 array (len(ids), pad_to or chunk_tokens) of the chunks' tokens, right-padded with pad_id."""
         ids = self._ids(ids).reshape(-1)

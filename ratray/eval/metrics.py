@@ -32,7 +32,8 @@ def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray) -> float:
     return float(hit.sum() / max(1, valid.sum()))
 
 
-REALM_SUMS = ("correct_retrieval", "correct_null", "masked", "queries", "utility", "p_null", "nll_null")
+REALM_SUMS = ("correct_retrieval", "correct_null", "masked", "queries", "utility", "p_null", "nll_null",
+              "nll_marginal", "proposals", "accepted", "grad_noise")
 
 
 def realm_rates(s: dict, prefix: str = "") -> dict:
@@ -40,4 +41,9 @@ def realm_rates(s: dict, prefix: str = "") -> dict:
     m, q = max(s["masked"], 1.0), max(s["queries"], 1.0)
     return {f"{prefix}acc_retrieval": s["correct_retrieval"] / m, f"{prefix}acc_null": s["correct_null"] / m,
             f"{prefix}retrieval_utility": s["utility"] / q, f"{prefix}p_null": s["p_null"] / q,
-            f"{prefix}nll_null_per_token": s["nll_null"] / m}
+            f"{prefix}nll_null_per_token": s["nll_null"] / m,
+            f"{prefix}nll_marginal_per_token": s["nll_marginal"] / m,
+            # objective jsa (ratray/realm/jsa.py): the sampler's acceptance rate, the retriever's
+            # gradient noise ‖onehot(z*) - π‖² per query (0 under marginal likelihood)
+            **({f"{prefix}jsa_acceptance": s["accepted"] / s["proposals"]} if s["proposals"] > 0 else {}),
+            f"{prefix}retriever_grad_noise": s["grad_noise"] / q}

@@ -73,11 +73,14 @@ def _embed_part(embedder: Callable, weights_box: list, store_path: str, ids: np.
 
 
 def embed_corpus(embedder: Callable, weights_box: list, store: ChunkStore, cfg: RefreshConfig,
-                 progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Every block of `store` → (ids (n,), vectors (n p)), with `cfg.num_workers` tasks in flight."""
+                 progress: bool = True, doc_prefix: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """Every block of `store` whose document id starts with `doc_prefix` ("" = every block) →
+    (ids (n,), vectors (n p)), with `cfg.num_workers` tasks in flight."""
     from tqdm.auto import tqdm
 
-    ids = np.arange(len(store), dtype=np.int64)
+    ids = store.with_doc_prefix(doc_prefix)
+    if len(ids) == 0:
+        raise RefreshError(f"no block of {store.path} has a document id starting with {doc_prefix!r}")
     parts = np.array_split(ids, max(1, min(len(ids), cfg.num_workers * cfg.parts_per_worker)))
     task = ray.remote(_embed_part).options(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus or None,
                                            max_retries=0)
@@ -138,8 +141,10 @@ class RefreshService:
     """Ray actor (see `launch_refresh_service`): threaded, so `status()` answers during a refresh."""
 
     def __init__(self, root: str, store_path: str, index_cfg: dict, service_cfg: dict,
-                 refresh_cfg: dict, embedder: Callable, embedding_model: str = "realm-doc-tower"):
+                 refresh_cfg: dict, embedder: Callable, embedding_model: str = "realm-doc-tower",
+                 doc_prefix: str = ""):
         self.root = Path(root)
+        self.doc_prefix = doc_prefix  # the index holds the blocks of these documents only
         self.store = ChunkStore.open(store_path)
         self.index_cfg = IndexConfig(**index_cfg)
         self.service_cfg = ServiceConfig(**service_cfg)
@@ -187,7 +192,8 @@ class RefreshService:
         """Embed every block with `weights`, build the next version's shards; swap nothing."""
         version = max([self.state.serving_version, *versions_on_disk(self.root)]) + 1
         t0 = time.perf_counter()
-        ids, vectors = embed_corpus(self.embedder, weights_box, self.store, self.cfg, progress)
+        ids, vectors = embed_corpus(self.embedder, weights_box, self.store, self.cfg, progress,
+                                    self.doc_prefix)
         t1 = time.perf_counter()
         # the weights' step goes into the manifest: a restarted service reads it back
         build_index(vectors, ids, version_dir(self.root, version), self.index_cfg,
@@ -353,8 +359,9 @@ class RefreshService:
 
 def launch_refresh_service(root: str | Path, store: ChunkStore, index_cfg: IndexConfig,
                            service_cfg: ServiceConfig, refresh_cfg: RefreshConfig, embedder: Callable,
-                           embedding_model: str = "realm-doc-tower"):
-    """The actor, named `<service.name>-refresh` in the service's namespace (a worker can find it).
+                           embedding_model: str = "realm-doc-tower", doc_prefix: str = ""):
+    """The actor, named `<service.name>-refresh` in the service's namespace (a worker can find it);
+    its versions index the blocks of the documents whose id starts with `doc_prefix` ("" = all).
 
     Restarted when it dies (its constructor cleans what the dead one half-wrote and reads the
     serving version back from disk), and calls in flight are redone: every method is safe to
@@ -363,7 +370,7 @@ def launch_refresh_service(root: str | Path, store: ChunkStore, index_cfg: Index
         name=f"{service_cfg.name}-refresh", namespace=service_cfg.namespace, get_if_exists=True,
         num_cpus=0, max_concurrency=4, max_restarts=-1, max_task_retries=-1)
     return actor.remote(str(Path(root).resolve()), str(store.path), asdict(index_cfg),
-                        asdict(service_cfg), asdict(refresh_cfg), embedder, embedding_model)
+                        asdict(service_cfg), asdict(refresh_cfg), embedder, embedding_model, doc_prefix)
 
 
 def put_weights(state_dict: dict[str, Any]) -> list:

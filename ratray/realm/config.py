@@ -43,6 +43,10 @@ class RealmConfig:
     # t: wordpieces of a knowledge block; None in a job config: the chunk store's chunks.chunk_tokens
     chunk_tokens: int | None = None
     dropout: float = 0.0
+    # marginal: REALM's marginal likelihood over the k candidates; jsa: a posterior tower q(z|x,y)
+    # and Metropolis independence sampling (ratray/realm/jsa.py), jsa_proposals proposals a query
+    objective: str = "marginal"
+    jsa_proposals: int = 8
     init_seed: int = 0  # seed of the towers' initial projection: every process builds the same map
 
     def __post_init__(self) -> None:
@@ -63,6 +67,8 @@ class RealmConfig:
            f"[CLS] query [SEP] block [SEP] ({self.query_tokens} + {self.chunk_tokens} + 3) must fit "
            f"max_positions={self.max_positions}")
         ok(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
+        ok(self.objective in ("marginal", "jsa"), "objective", "must be marginal|jsa")
+        ok(self.jsa_proposals >= 1, "jsa_proposals", "must be >= 1")
 
     @classmethod
     def tiny(cls, **over) -> RealmConfig:
@@ -110,6 +116,16 @@ class RealmJobConfig(BuildConfig):
     # corpus.path (a .jsonl; unset: <workdir>/knowledge/facts.jsonl) with corpus.val_fraction and
     # corpus.seed, then read as the corpus
     knowledge: bool = False
+    # knowledge=true: the tables written (ratray/realm/knowledge.py TABLES; "unicode_wide" adds
+    # 1,934 named characters) and asks per fact (1-3; 1: no answer is ever seen twice in training)
+    knowledge_tables: list[str] = field(default_factory=lambda: ["http", "errno", "unicode", "codec"])
+    knowledge_asks: int = 3
+    # which documents' blocks the index holds and which documents' blocks become masked queries
+    # (training and held-out), by document-id prefix; "" = every document. A knowledge corpus
+    # indexes its fact blocks only ("fact/") and asks with its asks ("ask/"): an ask of another
+    # fact in the index, worded like the query but carrying another answer, outranks the gold block
+    index_docs: str = ""
+    query_docs: str = ""
     experiment: str = "ratray-realm"  # MLflow experiment
 
     def __post_init__(self) -> None:
@@ -126,6 +142,7 @@ class RealmJobConfig(BuildConfig):
         check(self.eval_queries >= 0, "eval_queries", "must be >= 0")
         check(self.tower_lr_scale > 0, "tower_lr_scale", "must be > 0")
         check(self.freeze_towers_steps >= 0, "freeze_towers_steps", "must be >= 0")
+        check(1 <= self.knowledge_asks <= 3, "knowledge_asks", "must be 1, 2 or 3")
         if self.knowledge:
             check(self.corpus.path is None or str(self.corpus.path).endswith(".jsonl"), "corpus.path",
                   "knowledge=true writes its corpus there: must end in .jsonl (or be unset)")

@@ -81,7 +81,11 @@ def with_knowledge(job: RealmJobConfig) -> RealmJobConfig:
     from ratray.realm.knowledge import write_corpus
 
     path = str(job.corpus.path or Workdir(job.workdir).root / "knowledge" / "facts.jsonl")
-    write_corpus(path, job.corpus.val_fraction, job.corpus.seed)
+    try:
+        write_corpus(path, job.corpus.val_fraction, job.corpus.seed, tuple(job.knowledge_tables),
+                     job.knowledge_asks)
+    except ValueError as e:  # an unknown table
+        raise ConfigError(f"config 'knowledge_tables': {e}") from None
     return dataclasses.replace(job, corpus=dataclasses.replace(job.corpus, path=str(path), format="jsonl"))
 
 
@@ -103,14 +107,19 @@ def resolve(job: RealmJobConfig, progress: bool = True) -> Prepared:
     if getattr(tok, "kind", "bpe") != "wordpiece":
         raise ConfigError(f"chunk store {store.path} is not a wordpiece store")
     mcfg = job.model_for(tok, store.chunk_tokens)
-    n_train, n_val = len(store.split_ids("train")), len(store.split_ids("val"))
+    q = job.query_docs
+    n_train = len(store.with_doc_prefix(q, store.split_ids("train")))
+    n_val = len(store.with_doc_prefix(q, store.split_ids("val")))
+    n_index = len(store.with_doc_prefix(job.index_docs))
+    of_q = f" of documents '{q}*' (query_docs)" if q else ""
     if n_val == 0:
-        raise ConfigError(f"chunk store {store.path} has no validation blocks (corpus.val_fraction)")
-    if len(store) < mcfg.k:
-        raise ConfigError(f"config 'model.k': {mcfg.k} candidates but the corpus has {len(store)} blocks")
+        raise ConfigError(f"chunk store {store.path} has no validation blocks{of_q} (corpus.val_fraction)")
+    if n_index < mcfg.k:
+        raise ConfigError(f"config 'model.k': {mcfg.k} candidates but the index would hold {n_index} "
+                          f"blocks" + (f" (index_docs '{job.index_docs}')" if job.index_docs else ""))
     if job.train.micro_batch * job.train.num_workers > n_train:
         raise ConfigError(f"config 'train.micro_batch': a step needs {job.train.micro_batch} x "
-                          f"{job.train.num_workers} queries, the train split has {n_train} blocks")
+                          f"{job.train.num_workers} queries, the train split has {n_train} blocks{of_q}")
     name = job.train.run_name
     return Prepared(store, mcfg, weights, wd.run(name), wd.run_index(name))
 
@@ -144,7 +153,8 @@ def run(job: RealmJobConfig, progress: bool = True) -> dict:
     ti = time.perf_counter()
     model = dataclasses.asdict(prep.model)
     embedder = DocTowerEmbedder(model)
-    refresh = launch_refresh_service(prep.index_root, prep.store, job.index, svc, job.refresh, embedder)
+    refresh = launch_refresh_service(prep.index_root, prep.store, job.index, svc, job.refresh, embedder,
+                                     doc_prefix=job.index_docs)
     first = Realm.from_pretrained(prep.model, prep.weights).doc_state_dict()
     initial = ray.get(refresh.initial.remote(put_weights(first), 0))
     del first

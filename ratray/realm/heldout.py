@@ -87,3 +87,40 @@ def report_lines(m: dict, prefix: str = "val_") -> list[str]:
     for key in sorted(k for k in m if k.startswith(prefix) and k + "_lo" in m):
         lines.append(f"  {key[len(prefix):]:<24} {m[key]:.4f}  [{m[key + '_lo']:.4f}, {m[key + '_hi']:.4f}]")
     return lines
+
+
+def save_rows(path, rows: dict[str, np.ndarray], block_ids: np.ndarray, cluster: np.ndarray,
+              scored: np.ndarray) -> None:
+    """The per-query table of a held-out evaluation (ROW_FIELDS, the queries' block ids, clusters,
+    scored), written atomically: runs over the same held-out queries compare row by row."""
+    from pathlib import Path
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, block_ids=np.asarray(block_ids), cluster=cluster, scored=scored,
+             **{k: np.asarray(v) for k, v in rows.items()})
+    tmp.replace(path)
+
+
+def load_rows(path) -> dict[str, np.ndarray]:
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+def paired(a: dict[str, np.ndarray], b: dict[str, np.ndarray], k1: int) -> dict:
+    """Two runs' held-out tables (`load_rows`) over the same queries -> run a − run b, paired by
+    cluster, with 95% intervals: span exact match and token accuracy with retrieval, gold recall."""
+    if not np.array_equal(a["block_ids"], b["block_ids"]):
+        raise ValueError("the two runs were evaluated on different held-out queries")
+    s = a["scored"] & (a["masked"] > 0)
+    c = np.unique(a["cluster"][s], return_inverse=True)[1]
+    n = int(c.max()) + 1 if len(c) else 0
+    if n == 0:
+        return {}
+    one = np.ones(int(s.sum()))
+    out = {"exact_retrieval": _delta(a["exact_retrieval"][s], b["exact_retrieval"][s], one, c, n),
+           "token_acc_retrieval": _delta(a["correct_retrieval"][s], b["correct_retrieval"][s],
+                                         a["masked"][s], c, n)}
+    if a["gold_known"][s].sum() > 0:
+        out[f"gold_recall_at_{k1}"] = _delta(a["gold_hit"][s], b["gold_hit"][s], a["gold_known"][s], c, n)
+    return {k: {"delta": float(p), "lo": float(lo), "hi": float(hi)} for k, (p, (lo, hi)) in out.items()}

@@ -35,6 +35,13 @@ import numpy as np
 
 FACT, ASK = "fact/", "ask/"
 UNICODE_RANGES = ((0xC0, 0x180), (0x391, 0x3CA))  # Latin-1 letters, Latin Extended-A, Greek
+# table "unicode_wide" (not a default): Latin Extended-B, IPA, Cyrillic, Armenian, Hebrew, Arabic,
+# Devanagari, Thai, Georgian, Latin Extended Additional, Greek Extended, letterlike symbols,
+# arrows, mathematical operators, box drawing, dingbats: 1,934 more named characters
+UNICODE_WIDE = ((0x180, 0x250), (0x250, 0x2B0), (0x400, 0x460), (0x531, 0x557), (0x561, 0x587),
+                (0x5D0, 0x5EB), (0x621, 0x64B), (0x905, 0x93A), (0xE01, 0xE2F), (0x10D0, 0x10F1),
+                (0x1E00, 0x1F00), (0x1F00, 0x2000), (0x2100, 0x2150), (0x2190, 0x2200),
+                (0x2200, 0x2300), (0x2500, 0x2580), (0x2700, 0x27C0))
 
 
 @dataclass
@@ -70,9 +77,9 @@ def _errno() -> list[Fact]:
     return out
 
 
-def _unicode() -> list[Fact]:
+def _unicode(ranges=UNICODE_RANGES) -> list[Fact]:
     out = []
-    for lo, hi in UNICODE_RANGES:
+    for lo, hi in ranges:
         for cp in range(lo, hi):
             name = unicodedata.name(chr(cp), None)
             if not name:
@@ -95,10 +102,12 @@ def _codecs() -> list[Fact]:
             for alias, codec in sorted(aliases.items()) if "_" in codec and "~" not in alias]
 
 
-TABLES = {"http": _http, "errno": _errno, "unicode": _unicode, "codec": _codecs}
+TABLES = {"http": _http, "errno": _errno, "unicode": _unicode, "codec": _codecs,
+          "unicode_wide": lambda: _unicode(UNICODE_WIDE)}
+DEFAULT_TABLES = ("http", "errno", "unicode", "codec")
 
 
-def facts(tables: tuple[str, ...] = tuple(TABLES)) -> list[Fact]:
+def facts(tables: tuple[str, ...] = DEFAULT_TABLES) -> list[Fact]:
     unknown = [t for t in tables if t not in TABLES]
     if unknown:
         raise ValueError(f"unknown knowledge tables {unknown}; known: {sorted(TABLES)}")
@@ -115,22 +124,29 @@ def _salted(base: str, want_val: bool, val_fraction: float, seed: int) -> str:
 
 
 def write_corpus(path: str | Path, val_fraction: float = 0.2, seed: int = 0,
-                 tables: tuple[str, ...] = tuple(TABLES)) -> dict:
+                 tables: tuple[str, ...] = DEFAULT_TABLES, asks_per_fact: int = 3) -> dict:
     """Write the JSONL corpus; -> counts (facts, asks, held-out facts, asks skipped, per table).
 
-    val_fraction and seed must be the job's corpus.val_fraction and corpus.seed."""
+    val_fraction and seed must be the job's corpus.val_fraction and corpus.seed. asks_per_fact < 3
+    keeps that many of a fact's asks, the templates rotating from fact to fact (1: every fact is
+    asked once, so training never sees an answer twice and cannot learn it by heart)."""
     from ratray.realm.masking import salient_spans
 
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if asks_per_fact < 1:
+        raise ValueError(f"asks_per_fact must be >= 1, got {asks_per_fact}")
+    table_of = {f.key: t for t in tables for f in TABLES[t]()} if set(tables) <= set(TABLES) else {}
     counts = {"facts": 0, "asks": 0, "held_out_facts": 0, "asks_skipped": 0,
               "per_table": {t: 0 for t in tables}}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
-        for fact in facts(tables):
+        for n, fact in enumerate(facts(tables)):
             asks = [a for a in fact.asks if [a[i:j] for i, j, _ in salient_spans(a)] == [fact.answer]]
             counts["asks_skipped"] += len(fact.asks) - len(asks)
+            if asks and asks_per_fact < len(asks):
+                asks = [asks[(n + i) % len(asks)] for i in range(asks_per_fact)]
             if not asks:
                 continue
             held_out = _is_val(ASK + fact.key, val_fraction, seed)  # the fact's side, drawn once
@@ -142,7 +158,7 @@ def write_corpus(path: str | Path, val_fraction: float = 0.2, seed: int = 0,
             counts["facts"] += 1
             counts["asks"] += len(asks)
             counts["held_out_facts"] += int(held_out)
-            counts["per_table"][fact.key.split("-", 1)[0]] += 1
+            counts["per_table"][table_of[fact.key]] += 1
     return counts
 
 

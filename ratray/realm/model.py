@@ -202,6 +202,9 @@ class Realm(nn.Module):
         self.mlm_bias = nn.Parameter(torch.zeros(cfg.vocab_size))
         self.null_bias = nn.Parameter(torch.full((1,), float(cfg.null_init)))  # (1,): DeepSpeed broadcasts no 0-d tensor
         self.null_query = nn.Parameter(torch.zeros(cfg.proj_dim))  # its query-dependent part
+        if cfg.objective == "jsa":  # the posterior q(z|x,y) (ratray/realm/jsa.py)
+            self.posterior_tower = Tower(cfg)
+            self.post_null_bias = nn.Parameter(torch.zeros(1))
         self.train_towers = True
         self.apply(self._init)
         proj = torch.empty(cfg.proj_dim, d)
@@ -210,8 +213,8 @@ class Realm(nn.Module):
         nn.init.orthogonal_(proj, generator=torch.Generator().manual_seed(cfg.init_seed))
         proj *= math.sqrt(cfg.score_scale * max(1.0, d / cfg.proj_dim))
         with torch.no_grad():
-            self.query_tower.proj.weight.copy_(proj)
-            self.doc_tower.proj.weight.copy_(proj)
+            for tower in self.towers():
+                tower.proj.weight.copy_(proj)
 
     @staticmethod
     def _init(m: nn.Module) -> None:
@@ -227,9 +230,13 @@ class Realm(nn.Module):
 
         state = load_file(str(weights))
         model = cls(cfg)
-        for enc in (model.query_tower.encoder, model.doc_tower.encoder, model.reader):
+        for enc in [t.encoder for t in model.towers()] + [model.reader]:
             enc.load_pretrained(state)
         return model
+
+    def towers(self) -> list[Tower]:
+        """The retrieval towers: query, doc and (objective jsa) posterior."""
+        return [self.query_tower, self.doc_tower] + ([self.posterior_tower] if self.cfg.objective == "jsa" else [])
 
     # -- retrieval -----------------------------------------------------------------------------
 
@@ -249,7 +256,7 @@ class Realm(nn.Module):
         """AdamW groups, in this order: towers (decay, no decay), reader + MLM head (decay, no
         decay). Decay on matrices only; the towers train at `tower_lr_scale` × `lr` (a fresh MLM
         head needs a high rate; towers as fast collapse p(z|x) onto the null document)."""
-        towers = {id(p) for m in (self.query_tower, self.doc_tower) for p in m.parameters()}
+        towers = {id(p) for m in self.towers() for p in m.parameters()}
         groups = []
         for is_tower in (True, False):
             for decay in (True, False):
@@ -301,14 +308,25 @@ class Realm(nn.Module):
         logp_y = logp_y * slot_ok[:, None, :]  # (b k M): log p(y_j|z,x), 0 on padded slots
         logp_yz = logp_y.sum(-1)  # (b k) log p(y|z,x)
 
-        # marginal likelihood
+        # marginal likelihood (the objective, or JSA's: sample z* from the posterior, no marginal)
         joint = (log_pz + logp_yz).masked_fill(~keep, float("-inf"))
         logp_yx = torch.logsumexp(joint, -1)  # (b)
         n_masked = slot_ok.sum()
         loss = -logp_yx.sum() / n_masked.clamp(min=1)
-        out = {"loss": loss, "log_pz": log_pz.detach(), "logp_yz": logp_yz.detach()}
+        sampled = {}
+        if cfg.objective == "jsa":
+            from ratray.realm.jsa import jsa_loss, posterior_logits, with_answer
+
+            with contextlib.nullcontext() if self.train_towers else torch.no_grad():
+                e_q = self.posterior_tower(with_answer(query, labels, IGNORE))  # (b p)
+                log_q = posterior_logits(e_q, e_z, valid, self.post_null_bias)  # (b k)
+            sampled = jsa_loss(log_pz, logp_yz, log_q, keep, n_masked, cfg.jsa_proposals)
+            loss = sampled.pop("loss")
+            sampled.update(z=sampled["z"], log_q=log_q.detach())
+        out = {"loss": loss, "log_pz": log_pz.detach(), "logp_yz": logp_yz.detach(),
+               **{k: sampled.pop(k) for k in ("z", "log_q") if k in sampled}}
         out.update(_stats(log_pz.detach(), logp_tok.detach(), logp_yz.detach(), targets, slot_ok,
-                          keep))
+                          keep, -logp_yx.detach(), sampled))
         return out
 
 
@@ -325,7 +343,7 @@ def masked_slots(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
 
 
 @torch.no_grad()
-def _stats(log_pz, logp_tok, logp_yz, targets, slot_ok, keep) -> dict[str, torch.Tensor]:
+def _stats(log_pz, logp_tok, logp_yz, targets, slot_ok, keep, nll, sampled) -> dict[str, torch.Tensor]:
     """Sums over this batch (the trainer all-reduces and divides), and `rows`, the same per query
     (b,) for the held-out intervals:
     correct_retrieval / correct_null: masked tokens whose argmax under the marginal
@@ -333,7 +351,9 @@ def _stats(log_pz, logp_tok, logp_yz, targets, slot_ok, keep) -> dict[str, torch
     exact_retrieval / exact_null: queries whose masked tokens are ALL right (span exact match);
     masked: masked tokens; queries: rows;
     utility: Σ_rows Σ_{z≠∅} p(z|x) [log p(y|z,x) - log p(y|∅,x)] (REALM's retrieval utility,
-        weighted by the retriever); p_null: Σ_rows p(∅|x); nll_null: -Σ log p(y|∅,x)."""
+        weighted by the retriever); p_null: Σ_rows p(∅|x); nll_null: -Σ log p(y|∅,x);
+    nll_marginal: -Σ log p(y|x); objective jsa: proposals, accepted, grad_noise (ratray/realm/jsa.py;
+        0 for marginal likelihood)."""
     pz = log_pz.exp()  # (b k)
     marg = torch.logsumexp(log_pz[:, :, None, None] + logp_tok, 1)  # (b M V)
     ok = slot_ok.bool()
@@ -345,5 +365,7 @@ def _stats(log_pz, logp_tok, logp_yz, targets, slot_ok, keep) -> dict[str, torch
             "exact_retrieval": ((right.sum(1) == n) & (n > 0)).float(),
             "exact_null": ((right_null.sum(1) == n) & (n > 0)).float(),
             "masked": n.float(), "queries": pz.new_ones(len(pz)), "utility": ru,
-            "p_null": pz[:, -1], "nll_null": -logp_yz[:, -1]}
+            "p_null": pz[:, -1], "nll_null": -logp_yz[:, -1], "nll_marginal": nll}
+    for name in ("proposals", "accepted", "grad_noise"):
+        rows[name] = sampled.get(name, torch.zeros_like(nll))
     return {**{k: v.sum() for k, v in rows.items()}, "rows": rows}

@@ -101,9 +101,9 @@ class RealmWorker(TrainWorker):
         store = ChunkStore.open(c["store_path"])
         self.mcfg = RealmConfig(**c["model"])
         mask = job.masking
-        train_q = make_queries(store, store.split_ids("train"), self.mcfg.query_tokens, t.seed,
-                               mask.mode, mask.rate)
-        val_ids = store.split_ids("val")
+        train_ids = store.with_doc_prefix(job.query_docs, store.split_ids("train"))
+        train_q = make_queries(store, train_ids, self.mcfg.query_tokens, t.seed, mask.mode, mask.rate)
+        val_ids = store.with_doc_prefix(job.query_docs, store.split_ids("val"))
         val_ids = val_ids if job.eval_queries == 0 else val_ids[:job.eval_queries]
         val_q = make_queries(store, val_ids, self.mcfg.query_tokens, t.seed + 1, mask.mode, mask.rate)
         index = ShardedIndex.connect(c["service_name"], namespace=c["namespace"],
@@ -250,21 +250,19 @@ class RealmWorker(TrainWorker):
         intervals, ratray/realm/heldout.py) all-reduced."""
         import torch
 
-        from ratray.realm.heldout import ROW_FIELDS, gold_hits, summarize
+        from ratray.realm.heldout import ROW_FIELDS, gold_hits, save_rows, summarize
 
         t, q = self.t, self.val_c
         n = len(q.queries)
         mine = np.arange(n)[self.rank::self.world]
         sums = dict.fromkeys(REALM_SUMS, 0.0)
         table = np.zeros((len(ROW_FIELDS), n))  # (F n): this rank's queries filled
-        loss_sum = 0.0
         self.engine.eval()
         with torch.no_grad():
             for s in range(0, len(mine), t.micro_batch):
                 sel = mine[s:s + t.micro_batch]
                 cand = q.collect(q.request(sel, self.embed))
                 out = self.engine(*self.tensors(sel, cand, q))
-                loss_sum += float(out["loss"].detach()) * float(out["masked"])
                 for k in REALM_SUMS:
                     sums[k] += float(out[k])
                 rows = {k: v.float().cpu().numpy() for k, v in out["rows"].items()}
@@ -273,15 +271,17 @@ class RealmWorker(TrainWorker):
                 for f, name in enumerate(ROW_FIELDS):
                     table[f, sel] = rows[name]
         self.engine.train()
-        tot = dict(zip(REALM_SUMS + ("loss_sum",),
-                       allreduce_sum([sums[k] for k in REALM_SUMS] + [loss_sum])))
+        tot = dict(zip(REALM_SUMS, allreduce_sum([sums[k] for k in REALM_SUMS])))
         table = np.asarray(allreduce_sum(table.reshape(-1).tolist())).reshape(len(ROW_FIELDS), n)
         out = realm_rates(tot, "val_")
-        out["val_loss"] = tot["loss_sum"] / max(tot["masked"], 1.0)
+        out["val_loss"] = tot["nll_marginal"] / max(tot["masked"], 1.0)  # -log p(y|x), either objective
         out["val_queries"] = int(tot["queries"])
         out["val_masked_tokens"] = int(tot["masked"])
         out.update(summarize(dict(zip(ROW_FIELDS, table)), self.val_cluster, self.val_scored,
                              self.mcfg.k - 1))
+        if self.rank == 0:  # per query, for paired comparisons across runs (ratray/realm/compare.py)
+            save_rows(self.run_dir / "heldout_rows.npz", dict(zip(ROW_FIELDS, table)),
+                      q.queries.block_ids, self.val_cluster, self.val_scored)
         return out
 
     def client_state(self, metrics: dict) -> dict:
