@@ -30,6 +30,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -125,8 +126,8 @@ def watch(lr, job_id: str, workdir: Path, run_name: str, kill_at: int, deadline:
           after_kill: float, restarts: bool) -> dict:
     """Poll until the job ends (or `deadline`): the pids by role, the job states seen; SIGKILL the
     gcs_server once the run logged step `kill_at` (`restarts`: then time its port coming back).
-    Without a terminal status, stop `after_kill` seconds after the kill (a head without fault
-    tolerance may never answer again)."""
+    Without a restart, stop `after_kill` seconds after the kill if the job has not ended (a head
+    without fault tolerance may never answer again)."""
     seen = {r: set() for r in ROLES}
     states, killed, pre_kill, alive, status_after = [], None, None, [], None
     while time.time() < deadline:
@@ -153,7 +154,7 @@ def watch(lr, job_id: str, workdir: Path, run_name: str, kill_at: int, deadline:
                 killed = {"at": t_kill, "gcs_pid": gcs, "after_step": steps[-1][0]}
                 if restarts:
                     killed["gcs_port_back_s"] = port_back(lr.port, killed["at"], after_kill)
-        elif time.time() > killed["at"] + after_kill:
+        elif not restarts and time.time() > killed["at"] + after_kill:
             break
         time.sleep(0.25)
     return {"pids_seen": {r: sorted(p) for r, p in seen.items()}, "pids_before_kill": pre_kill,
@@ -219,7 +220,10 @@ def scenario(workdir: Path, redis: str | None, steps: int, kill_at: int, port: i
         rep["local_sh_status"] = {k: v for k, v in lr.status().items() if k in ("up", "problem", "gcs_restarts")}
         rep["job_status"], rep["job_message"] = job_state(lr, job_id)
         try:
-            rep["job_log_tail"] = lr.job_logs(job_id)[-1500:]
+            logs = lr.job_logs(job_id)
+            rep["job_log_tail"] = logs[-1500:]
+            # the workers' progress lines reach the job's log through the GCS (its log pub-sub)
+            rep["job_log_last_step"] = max((int(m) for m in re.findall(r"\[ratray\] step (\d+)/", logs)), default=None)
         except Exception as e:
             rep["job_log_tail"] = f"(the job API did not answer: {type(e).__name__}: {e})"
         rep["driver_log_tail"] = driver_log_tail(lr, job_id)
@@ -279,7 +283,8 @@ def headline(rep: dict) -> str:
              f"step gaps: median {rep.get('median_step_gap_s')} s; spanning the kill {rep.get('gap_spanning_kill_s')} s; "
              f"longest while the GCS was down or within 10 s of its restart {rep.get('max_gap_in_outage_s')} s "
              f"(before step {rep.get('max_gap_in_outage_before_step')}): stall {rep.get('stall_s')} s; longest of the "
-             f"run {rep.get('max_step_gap_s')} s (before step {rep.get('max_gap_before_step')})"]
+             f"run {rep.get('max_step_gap_s')} s (before step {rep.get('max_gap_before_step')})",
+             f"the job's log (ray job logs) has the workers' progress lines up to step {rep.get('job_log_last_step')}"]
     if not restarts:
         said = [ln for ln in rep.get("driver_log_tail", "").splitlines() if "GCS" in ln]
         lines += [f"cluster/local.sh status 5 s after the kill: {(rep.get('local_sh_status_5s_after_kill') or {}).get('problem')}",
