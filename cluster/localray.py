@@ -441,8 +441,12 @@ class LocalRay:
 
     def ray_nodes(self) -> list[dict]:
         """The cluster's nodes as the GCS sees them (Ray's state API: node_name, state, resources)."""
+        return self._state_api("nodes", "detail=true")
+
+    def _state_api(self, what: str, query: str = "") -> list[dict]:
+        """One listing of Ray's state API (`nodes`, `actors`); [] when the head does not answer."""
         try:
-            data = self._request("/api/v0/nodes?limit=1000&detail=true", timeout=10)
+            data = self._request(f"/api/v0/{what}?limit=10000&{query}", timeout=10)
         except (OSError, ValueError):
             return []
         return (((data or {}).get("data") or {}).get("result") or {}).get("result") or []
@@ -648,8 +652,12 @@ class LocalRay:
 
     def node_status(self, state: dict, up: bool) -> list[dict]:
         """Each worker node `up` started: its group and Ray resources, how many of its processes
-        run, whether its raylet does, and the GCS's view of it (ALIVE / DEAD)."""
+        run, whether its raylet does, the GCS's view of it (ALIVE / DEAD) and its live actors
+        (their names, else classes: which index node holds which shard)."""
         seen = {n.get("node_name"): n for n in self.ray_nodes()} if up else {}
+        actors: dict[str, list[str]] = {}
+        for a in self._state_api("actors", "filter_keys=state&filter_predicates=%3D&filter_values=ALIVE") if up else []:
+            actors.setdefault(a.get("node_id"), []).append(a.get("name") or a.get("class_name"))
         out = []
         for node in state["nodes"]:
             procs = self._members(node).values()
@@ -658,7 +666,8 @@ class LocalRay:
                         "num_cpus": node["num_cpus"], "resources": node["resources"],
                         "processes": len(procs), "raylet": any(_name(p) == "raylet" for p in procs),
                         "state": ray_view.get("state"), "node_ip": ray_view.get("node_ip"),
-                        "node_id": ray_view.get("node_id")})
+                        "node_id": ray_view.get("node_id"),
+                        "actors": sorted(actors.get(ray_view.get("node_id"), []))})
         return out
 
 
