@@ -430,11 +430,15 @@ def write_report(wd: Workdir, run: Loaded, report: dict, scored: list[Scored], c
 
 
 def attach_to_mlflow(run: Loaded, files: list[Path], where: str = "eval") -> None:
-    """The report's files as artifacts of the run's MLflow record (under `where`)."""
+    """The report's files as artifacts of the run's MLflow record (under `where`); the run's
+    description (its Overview in the UI) then shows the report's plots too."""
     from mlflow import MlflowClient
+
+    from ratray.mlflow_view import describe_run
 
     ml = run.summary.get("mlflow") or {}
     if ml.get("run_id"):
         client = MlflowClient(ml["tracking_uri"])
         for f in files:
             client.log_artifact(ml["run_id"], str(f), where)
+        describe_run(client, ml["run_id"])
