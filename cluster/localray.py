@@ -361,6 +361,8 @@ class LocalRay:
             state["gcs_ft"] = {"redis": gcs_ft, "namespace": ft["RAY_external_storage_namespace"]}
         if rc != 0:
             self._stop_processes(state, grace=5.0)
+            if gcs_ft:  # the GCS may have written its tables before `ray start` failed
+                gcsft.cleanup(gcs_ft, ft["RAY_external_storage_namespace"])
             tail = log_path.read_text()[-3000:]
             raise ClusterError(f"`ray start --head` failed (rc={rc}); log {log_path}:\n{tail}")
         gcs = self._find(state, "gcs_server")
