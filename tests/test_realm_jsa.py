@@ -108,9 +108,7 @@ def _jsa_cfg(**over) -> RealmConfig:
 def _measure(model: Realm, held) -> dict:
     with torch.no_grad():
         o = model(*held)
-    q = o["log_q"].exp()
-    return {"q_a": float(q[:, 0].mean()), "q_a_blocks": float((q[:, 0] / q[:, :2].sum(1)).mean()),
-            "p_a": float(o["log_pz"][:, 0].exp().mean()),
+    return {"p_a": float(o["log_pz"][:, 0].exp().mean()),
             "copies": float((o["logp_yz"][:, 0] > o["logp_yz"][:, 1]).float().mean())}
 
 

@@ -13,6 +13,7 @@ rate Σ hits / Σ totals is the bootstrap's "bits per byte" with nats = hits · 
 """
 from __future__ import annotations
 
+from pathlib import Path
 
 import numpy as np
 
@@ -93,8 +94,6 @@ def save_rows(path, rows: dict[str, np.ndarray], block_ids: np.ndarray, cluster:
               scored: np.ndarray) -> None:
     """The per-query table of a held-out evaluation (ROW_FIELDS, the queries' block ids, clusters,
     scored), written atomically: runs over the same held-out queries compare row by row."""
-    from pathlib import Path
-
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp.npz")
     np.savez(tmp, block_ids=np.asarray(block_ids), cluster=cluster, scored=scored,

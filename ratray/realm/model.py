@@ -322,9 +322,9 @@ class Realm(nn.Module):
                 log_q = posterior_logits(e_q, e_z, valid, self.post_null_bias)  # (b k)
             sampled = jsa_loss(log_pz, logp_yz, log_q, keep, n_masked, cfg.jsa_proposals)
             loss = sampled.pop("loss")
-            sampled.update(z=sampled["z"], log_q=log_q.detach())
-        out = {"loss": loss, "log_pz": log_pz.detach(), "logp_yz": logp_yz.detach(),
-               **{k: sampled.pop(k) for k in ("z", "log_q") if k in sampled}}
+        out = {"loss": loss, "log_pz": log_pz.detach(), "logp_yz": logp_yz.detach()}
+        if sampled:
+            out.update(z=sampled.pop("z"), log_q=log_q.detach())
         out.update(_stats(log_pz.detach(), logp_tok.detach(), logp_yz.detach(), targets, slot_ok,
                           keep, -logp_yx.detach(), sampled))
         return out
