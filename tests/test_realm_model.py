@@ -292,3 +292,23 @@ def test_query_and_doc_towers_start_with_the_same_projection(two_processes):
 def test_init_seed_changes_the_projection(two_processes):
     a, _ = two_processes
     assert not torch.equal(Realm(tiny(init_seed=1)).doc_tower.proj.weight, a.doc_tower.proj.weight)
+
+
+def test_frozen_tower_embeddings_get_no_gradient_and_stay_out_of_the_optimizer():
+    """model.tower_embeddings=false: the towers' embedding tables take no gradient and are in no
+    AdamW group; the towers' layers and the reader's own embeddings still train."""
+    torch.manual_seed(0)
+    cfg = tiny(k=3, tower_embeddings=False)
+    model = Realm(cfg)
+    query = torch.randint(4, 64, (2, cfg.query_tokens))
+    labels = torch.full_like(query, IGNORE)
+    labels[:, 1], query[:, 1] = query[:, 1], cfg.mask_id
+    model(query, labels, torch.randint(4, 64, (2, cfg.k - 1, cfg.chunk_tokens)))["loss"].backward()
+    grouped = {id(p) for g in model.param_groups(0.01, 1e-3, 0.1) for p in g["params"]}
+    for tower in model.towers():
+        for emb in (tower.encoder.wte, tower.encoder.wpe, tower.encoder.wtt):
+            assert emb.weight.grad is None and id(emb.weight) not in grouped
+        assert tower.encoder.layers[0].qkv.weight.grad is not None
+    assert model.reader.wte.weight.grad is not None and id(model.reader.wte.weight) in grouped
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(grouped) == len(trainable)  # every trainable parameter in exactly one group

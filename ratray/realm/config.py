@@ -48,6 +48,10 @@ class RealmConfig:
     objective: str = "marginal"
     jsa_proposals: int = 8
     init_seed: int = 0  # seed of the towers' initial projection: every process builds the same map
+    # false: the towers' token, position and type embeddings stay as pretrained (no gradient, not in
+    # the optimizer: half of each tower's parameters out of the gradient exchange); the reader's
+    # always train (its token embeddings are the MLM head's output matrix)
+    tower_embeddings: bool = True
 
     def __post_init__(self) -> None:
         def ok(cond: bool, name: str, msg: str) -> None:
@@ -126,6 +130,12 @@ class RealmJobConfig(BuildConfig):
     # fact in the index, worded like the query but carrying another answer, outranks the gold block
     index_docs: str = ""
     query_docs: str = ""
+    # counterfactual answers in training (ratray/realm/swap.py): the share of training queries whose
+    # retrieved gold block holds their answer that get another fact's answer (same length) in both
+    # the labels and that block as the reader sees it (the towers score it as indexed), so
+    # remembering answers fails and copying from the block pays; needs
+    # known gold blocks (a knowledge corpus); held-out queries untouched. 0 = never
+    answer_swap: float = 0.0
     experiment: str = "ratray-realm"  # MLflow experiment
 
     def __post_init__(self) -> None:
@@ -143,6 +153,7 @@ class RealmJobConfig(BuildConfig):
         check(self.tower_lr_scale > 0, "tower_lr_scale", "must be > 0")
         check(self.freeze_towers_steps >= 0, "freeze_towers_steps", "must be >= 0")
         check(1 <= self.knowledge_asks <= 3, "knowledge_asks", "must be 1, 2 or 3")
+        check(0.0 <= self.answer_swap <= 1.0, "answer_swap", "must be in [0, 1]")
         if self.knowledge:
             check(self.corpus.path is None or str(self.corpus.path).endswith(".jsonl"), "corpus.path",
                   "knowledge=true writes its corpus there: must end in .jsonl (or be unset)")

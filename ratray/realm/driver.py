@@ -120,6 +120,14 @@ def resolve(job: RealmJobConfig, progress: bool = True) -> Prepared:
     if job.train.micro_batch * job.train.num_workers > n_train:
         raise ConfigError(f"config 'train.micro_batch': a step needs {job.train.micro_batch} x "
                           f"{job.train.num_workers} queries, the train split has {n_train} blocks{of_q}")
+    if job.answer_swap > 0:
+        from ratray.realm.knowledge import gold_blocks
+
+        train_q = store.with_doc_prefix(q, store.split_ids("train"))
+        if not (gold_blocks(store, train_q)[0] >= 0).any():
+            raise ConfigError(f"config 'answer_swap': {job.answer_swap} needs training queries whose gold "
+                              f"block is known (a knowledge corpus: documents 'fact/<key>' and "
+                              f"'ask/<key>/<i>'); chunk store {store.path} has none{of_q}")
     name = job.train.run_name
     return Prepared(store, mcfg, weights, wd.run(name), wd.run_index(name))
 

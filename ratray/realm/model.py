@@ -215,6 +215,10 @@ class Realm(nn.Module):
         with torch.no_grad():
             for tower in self.towers():
                 tower.proj.weight.copy_(proj)
+        if not cfg.tower_embeddings:
+            for tower in self.towers():
+                for emb in (tower.encoder.wte, tower.encoder.wpe, tower.encoder.wtt):
+                    emb.weight.requires_grad_(False)
 
     @staticmethod
     def _init(m: nn.Module) -> None:
@@ -254,14 +258,15 @@ class Realm(nn.Module):
 
     def param_groups(self, weight_decay: float, lr: float, tower_lr_scale: float) -> list[dict]:
         """AdamW groups, in this order: towers (decay, no decay), reader + MLM head (decay, no
-        decay). Decay on matrices only; the towers train at `tower_lr_scale` × `lr` (a fresh MLM
-        head needs a high rate; towers as fast collapse p(z|x) onto the null document)."""
+        decay); frozen parameters (model.tower_embeddings=false) left out. Decay on matrices only;
+        the towers train at `tower_lr_scale` × `lr` (a fresh MLM head needs a high rate; towers as
+        fast collapse p(z|x) onto the null document)."""
         towers = {id(p) for m in self.towers() for p in m.parameters()}
         groups = []
         for is_tower in (True, False):
             for decay in (True, False):
                 ps = [p for p in self.parameters()
-                      if (id(p) in towers) == is_tower and (p.dim() >= 2) == decay]
+                      if p.requires_grad and (id(p) in towers) == is_tower and (p.dim() >= 2) == decay]
                 groups.append({"params": ps, "weight_decay": weight_decay if decay else 0.0,
                                "lr": lr * (tower_lr_scale if is_tower else 1.0)})
         return groups
@@ -269,9 +274,11 @@ class Realm(nn.Module):
     # -- the objective -------------------------------------------------------------------------
 
     def forward(self, query: torch.Tensor, labels: torch.Tensor, blocks: torch.Tensor,
-                valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                valid: torch.Tensor | None = None, read: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """query (b q) masked wordpieces, labels (b q) (IGNORE where not masked), blocks (b k-1 t)
-        the retrieved candidates, valid (b k-1) False for a missing candidate.
+        the retrieved candidates, valid (b k-1) False for a missing candidate; read (b k-1 t') what
+        the reader sees of them when it differs (counterfactual answers, ratray/realm/swap.py: the
+        towers score the blocks as the index holds them, the reader reads the swapped ones).
 
         Returns loss (negative log marginal likelihood per masked token), log_pz (b k) log p(z|x),
         logp_yz (b k) log p(y|z,x) and the statistics the trainer logs (see `_stats`), detached."""
@@ -293,8 +300,9 @@ class Realm(nn.Module):
         log_pz = torch.log_softmax(torch.cat([s_z, s_null], 1), -1)  # (b k)
 
         # reader: log p(y_j | z, x) at the masked slots
-        all_blocks = torch.cat([blocks, torch.full((b, 1, t), cfg.pad_id, dtype=blocks.dtype,
-                                                   device=blocks.device)], 1)  # (b k t)
+        read = blocks if read is None else read
+        all_blocks = torch.cat([read, torch.full((b, 1, read.shape[2]), cfg.pad_id, dtype=read.dtype,
+                                                 device=read.device)], 1)  # (b k t)
         ids, types = join_query_block(query, all_blocks, cfg)  # (b k L)
         k, L = ids.shape[1], ids.shape[2]
         slots, slot_ok, targets = masked_slots(labels)  # (b M) query positions, mask, ids

@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 from ratray.eval.metrics import REALM_SUMS, realm_rates
-from ratray.realm.config import RealmJobConfig
+from ratray.realm.config import IGNORE, RealmJobConfig
 from ratray.train.worker import TrainWorker, allreduce_sum
 
 TOWER_GROUPS = (0, 1)  # Realm.param_groups: towers (decay, no decay), then reader (decay, no decay)
@@ -34,6 +34,18 @@ def hold_towers(model, param_groups: list[dict], frozen: bool) -> None:
     if frozen:
         for g in TOWER_GROUPS:
             param_groups[g]["lr"] = 0.0
+
+
+def trim(ids: np.ndarray, labels: np.ndarray, tok: np.ndarray, pad_id: int) -> tuple:
+    """Cut a batch's right padding: queries (b q) and labels to the longest query, blocks (b k1 t)
+    to the longest block (the model reads any widths; pads are never attended to). Short facts in
+    48-wordpiece blocks: the reader's rows shrink from 75 to ~45 tokens."""
+    def width(used: np.ndarray) -> int:  # (w,) some row holds a token at this position
+        return int(np.flatnonzero(used)[-1]) + 1 if used.any() else 1
+
+    qw = max(width((ids != pad_id).any(0)), width((labels != IGNORE).any(0)))
+    tw = width((tok != pad_id).any((0, 1)))
+    return ids[:, :qw], labels[:, :qw], tok[:, :, :tw]
 
 
 class Candidates:
@@ -96,6 +108,7 @@ class RealmWorker(TrainWorker):
         from ratray.realm.knowledge import gold_blocks
         from ratray.realm.masking import make_queries
         from ratray.realm.model import RealmConfig
+        from ratray.realm.swap import AnswerSwap
 
         c, t, job = self.config, self.t, self.job
         store = ChunkStore.open(c["store_path"])
@@ -114,6 +127,8 @@ class RealmWorker(TrainWorker):
         self.val_c = Candidates(store, index, val_q, self.mcfg.k, self.mcfg.chunk_tokens)
         self.val_gold, self.val_cluster = gold_blocks(store, val_q.block_ids)  # (n,) each
         self.val_scored = scored_queries(val_q.labels, store.tokenizer)  # (n,)
+        self.swap = AnswerSwap(train_q.labels, gold_blocks(store, train_q.block_ids)[0], job.answer_swap,
+                               store.tokenizer.mask_id, t.seed + self.rank) if job.answer_swap else None
         self.sums = dict.fromkeys(REALM_SUMS, 0.0)
         self.pending = None
         self.restored: dict | None = None
@@ -177,14 +192,21 @@ class RealmWorker(TrainWorker):
                 weights = {k: v.float() for k, v in net.doc_state_dict().items()}
                 self.refresh.request.remote(put_weights(weights), step)  # fire and forget
 
-    def tensors(self, sel: np.ndarray, cand: tuple, q: Candidates) -> tuple:
-        """Model inputs on the device: query ids, labels, candidate blocks, valid."""
+    def tensors(self, sel: np.ndarray, cand: tuple, q: Candidates, swap=None) -> tuple:
+        """Model inputs on the device: query ids, labels, candidate blocks, valid; with `swap`
+        (training, answer_swap > 0) some answers replaced in the labels and the gold block."""
         import torch
 
-        _, tok, valid, _ = cand
-        as_t = lambda a: torch.from_numpy(np.asarray(a)).to(self.device)  # noqa: E731
-        return (as_t(q.queries.ids[sel].astype(np.int64)), as_t(q.queries.labels[sel]),
-                as_t(tok.astype(np.int64)), as_t(valid))
+        cand_ids, tok, valid, _ = cand
+        ids, labels = q.queries.ids[sel], q.queries.labels[sel]
+        read = None  # the towers score the blocks as indexed; the reader reads the swapped ones
+        if swap is not None:
+            ids, labels, read = swap.apply(sel, ids, cand_ids, tok)
+        pad = q.store.tokenizer.pad_id
+        ids, labels, tok = trim(ids, labels, tok, pad)
+        as_t = lambda a: torch.from_numpy(np.asarray(a).astype(np.int64)).to(self.device)  # noqa: E731
+        out = (as_t(ids), as_t(labels), as_t(tok), torch.from_numpy(valid).to(self.device))
+        return out if read is None else out + (as_t(trim(ids, labels, read, pad)[2]),)
 
     # -- the steps -----------------------------------------------------------------------------
 
@@ -198,7 +220,7 @@ class RealmWorker(TrainWorker):
         self.towers_frozen = self.frozen(step)
         hold_towers(self.engine.module, self.sched.optimizer.param_groups, self.towers_frozen)
         sel = self.batch_rows(step, micro)
-        inputs = self.tensors(sel, self.train_c.collect(self.pending), self.train_c)
+        inputs = self.tensors(sel, self.train_c.collect(self.pending), self.train_c, self.swap)
         nxt = self.next_micro(step, micro)
         self.pending = self.train_c.request(self.batch_rows(*nxt), self.embed) \
             if nxt[0] < self.t.steps else None  # in flight while we compute
@@ -222,8 +244,13 @@ class RealmWorker(TrainWorker):
         t = self.t
         tot = dict(zip(REALM_SUMS, allreduce_sum([self.sums[k] for k in REALM_SUMS])))
         self.sums = dict.fromkeys(REALM_SUMS, 0.0)
-        return {"queries_per_s": t.micro_batch * t.grad_accum * self.world * n_steps / max(seconds, 1e-9),
-                **realm_rates(tot), **self.train_c.take_stats()}
+        out = {"queries_per_s": t.micro_batch * t.grad_accum * self.world * n_steps / max(seconds, 1e-9),
+               **realm_rates(tot), **self.train_c.take_stats()}
+        if self.swap is not None:  # shares of the interval's training queries
+            swapped, eligible = allreduce_sum(list(self.swap.take_stats().values()))
+            out.update(answer_swapped=swapped / max(tot["queries"], 1.0),
+                       answer_swap_eligible=eligible / max(tot["queries"], 1.0))
+        return out
 
     def status_metrics(self, step: int) -> dict:
         import ray
