@@ -6,8 +6,9 @@ the null document only, held-out span exact match 0.04 vs 0.03) and nothing teac
 `AnswerSwap` breaks that shortcut in training only: for a share (`answer_swap`) of the training
 queries whose gold block was retrieved, the answer is replaced by another fact's answer of the same
 length, both in the query's labels and inside the gold block the reader sees (the towers score
-the block as the index holds it: a retriever shown swapped blocks learned to look for the odd one,
-and its held-out gold recall@3 fell from 0.92 to 0.52):
+the block as the index holds it; with the towers shown the swapped block, held-out gold recall@3
+was 0.52 at rate 1.0, with the change 0.64 — the intervals overlap, so whether the swapped block
+misled the towers is not settled):
 
     query  "HTTP status 404 is called [MASK] [MASK]"   labels  not found   ->  bad gateway
     gold   "404 Not Found: ..."                         block   not found   ->  bad gateway
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-IGNORE = -100
+from ratray.realm.config import IGNORE
 
 
 def _find(seq: np.ndarray, sub: np.ndarray) -> int:
