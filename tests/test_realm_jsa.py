@@ -114,7 +114,7 @@ def _measure(model: Realm, held) -> dict:
 
 def test_jsa_raises_the_answer_document_under_the_prior(jsa_training):
     before, after, _ = jsa_training
-    assert after["p_a"] > before["p_a"] + 0.12, (before, after)
+    assert after["p_a"] > before["p_a"] + 0.3, (before, after)  # measured 0.31 -> 0.86 (0.31 -> 0.49 with ∅'s reference score stopped)
 
 
 def test_jsa_teaches_the_reader_to_copy(jsa_training):

@@ -157,8 +157,10 @@ def test_loss_is_the_mean_negative_marginal_log_likelihood(partial_candidates):
 
 
 def test_score_gradient_is_realms_posterior_minus_prior():
-    """d(-log p(y|x))/d s_z = p(z|x) - p(z|x,y) (REALM eq. 4, up to the per-token normaliser), for
-    the retrieved blocks' scores and for the null document's learned logit alike."""
+    """d(-log p(y|x))/d s_∅ = p(∅|x) - p(∅|x,y) (REALM eq. 4, up to the per-token normaliser) for
+    the null document's learned logit; a block's score s_z also enters s_∅ through the blocks'
+    log-mean-exp, so d/d s_z = p(z|x) - p(z|x,y) + (p(∅|x) - p(∅|x,y)) π_z, π_z = p(z|x) / (1 - p(∅|x)):
+    the blocks' gradients sum to 0 (a shift of all their scores changes nothing)."""
     torch.manual_seed(1)
     cfg = tiny(k=4)
     model = Realm(cfg)
@@ -185,7 +187,9 @@ def test_score_gradient_is_realms_posterior_minus_prior():
     out["loss"].backward()
     prior = out["log_pz"].exp()
     post = torch.softmax(out["log_pz"] + out["logp_yz"], 1)
-    torch.testing.assert_close(grads["s"].grad * 2, (prior - post)[:, :-1], atol=1e-5, rtol=1e-4)  # 2 masked
+    d = prior - post  # (b k)
+    pi = prior[:, :-1] / (1 - prior[:, -1:])  # (b k-1) the blocks' own softmax
+    torch.testing.assert_close(grads["s"].grad * 2, d[:, :-1] + d[:, -1:] * pi, atol=1e-5, rtol=1e-4)  # 2 masked
     torch.testing.assert_close(model.null_bias.grad.sum() * 2, (prior - post)[:, -1].sum(), atol=1e-5, rtol=1e-4)
 
 

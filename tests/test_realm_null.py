@@ -102,3 +102,38 @@ def test_null_probability_rises_when_retrieval_is_useless(trained):
 def test_null_probability_falls_when_retrieval_is_useful(trained):
     before, after = trained["useful"]
     assert after < before - 0.15, (before, after)
+
+
+
+def test_a_shift_of_all_block_scores_gets_no_gradient():
+    """p(∅|x) and p(z|x) are invariant to adding one constant to a query's block scores (∅'s logit
+    holds their log-mean-exp), so the gradient must not move that common mode either: per query,
+    Σ_z ∂L/∂s_z = 0. With the log-mean-exp stopped it was (post_∅ − prior_∅)/n: every retrieved
+    block pushed up whenever the blocks beat ∅, down whenever ∅ won."""
+    torch.manual_seed(0)
+    cfg = tiny()
+    model = Realm(cfg)
+    with torch.no_grad():
+        model.null_bias.fill_(1.0)  # p(∅|x) away from 1/k, and depending on the query
+        model.null_query.normal_(0.0, 1.0)
+    seen = {}
+
+    def keep(name):
+        def hook(module, args, out):
+            out.retain_grad()
+            seen[name] = out
+        return hook
+
+    model.query_tower.register_forward_hook(keep("e_x"))
+    model.doc_tower.register_forward_hook(keep("e_z"))
+    q, lab, blk = _batch(np.random.default_rng(0), cfg, 8, useful=True)
+    out = model(q, lab, blk)
+    out["loss"].backward()
+    b, k1 = blk.shape[:2]
+    e_x = seen["e_x"].detach()  # (b p)
+    g_ez = seen["e_z"].grad.view(b, k1, -1)  # (b k-1 p) = ∂L/∂s_z · e_x: e_z enters only s_z
+    g_s = torch.einsum("bkp,bp->bk", g_ez, e_x) / (e_x * e_x).sum(1, keepdim=True)  # (b k-1)
+    torch.testing.assert_close(g_s.sum(1), torch.zeros(b), rtol=0, atol=1e-7)
+    assert float(g_s.abs().max()) > 1e-6  # the blocks themselves do get gradient (a random reader: small)
+    post = torch.softmax(out["log_pz"] + out["logp_yz"], -1)
+    assert float((post - out["log_pz"].exp())[:, -1].abs().max()) > 1e-4  # ∅'s posterior moved

@@ -60,8 +60,8 @@ def posterior_logits(e_q: torch.Tensor, e_z: torch.Tensor, valid: torch.Tensor,
     here), valid (b k-1) -> log q(z|x,y) (b k), ∅ last."""
     s = torch.einsum("bp,bkp->bk", e_q, e_z.detach()).float().masked_fill(~valid, float("-inf"))
     n = valid.sum(1, keepdim=True)
-    ref = torch.logsumexp(s, 1, keepdim=True) - torch.log(n.clamp(min=1).float())
-    ref = torch.where(n > 0, ref, torch.zeros_like(ref)).detach()
+    lse = torch.logsumexp(s.masked_fill(~valid, -1e4), 1, keepdim=True)  # with gradient, as the prior's
+    ref = torch.where(n > 0, lse - torch.log(n.clamp(min=1).float()), torch.zeros_like(lse))
     return torch.log_softmax(torch.cat([s, ref + null_bias], 1), -1)
 
 

@@ -23,13 +23,16 @@ Design (documented once, here):
   like the frozen sentence-BERT; REALM's [CLS] pooling would start from an untrained readout. W
   (p×d, no bias) starts as the same random orthogonal map in both towers, scaled so that
   e_x · e_z ≈ score_scale · cos(x, z); the two towers then train apart.
-- The null document ∅ has a learned logit, not an embedding: s_∅ = sg(log-mean-exp of the valid
-  retrieved scores) + null_bias + e_x · null_query (sg: no gradient). With null_bias =
+- The null document ∅ has a learned logit, not an embedding: s_∅ = log-mean-exp of the valid
+  retrieved scores + null_bias + e_x · null_query. With null_bias =
   `null_init` (0) and null_query = 0 at step 0, p(∅|x) = 1/(1 + (n-1)e^{-null_init}) for n valid
   candidates (1/k when all are there) whatever the scale of the tower scores, so its path is
   trained from the start and p(∅|x) moves only as far as the marginal likelihood asks (the
   embedded empty block of the first version scored ~1-2 against 5-10: p(∅|x) ≈ 0.005, untrained).
-  null_query lets p(∅|x) depend on the query. The reader sees [CLS] x [SEP] [SEP] for ∅. ∅ is
+  null_query lets p(∅|x) depend on the query. The first term carries gradient: a shift of all
+  block scores changes nothing and is given no gradient (with it stopped, until 2026-12-02, every
+  retrieved block of a query was pushed up whenever the blocks beat ∅ and down whenever ∅ won —
+  a drift the forward never sees). The reader sees [CLS] x [SEP] [SEP] for ∅. ∅ is
   always candidate k-1; retrieved candidates that are missing (fewer than k-1 after filtering)
   are masked out of p(z|x).
 - `train_towers = False` (the worker's reader warm-up, job `freeze_towers_steps`) runs both
@@ -293,8 +296,10 @@ class Realm(nn.Module):
             e_z = self.embed_docs(blocks.reshape(b * k1, t)).view(b, k1, -1)  # (b k-1 p)
         s_z = torch.einsum("bp,bkp->bk", e_x, e_z).float().masked_fill(~valid, float("-inf"))
         n_valid = valid.sum(1, keepdim=True)
-        ref = (torch.logsumexp(s_z, 1, keepdim=True) - torch.log(n_valid.clamp(min=1).float()))
-        ref = torch.where(n_valid > 0, ref, torch.zeros_like(ref)).detach()  # (b 1)
+        # with gradient: p(∅|x) is invariant to a shift of all block scores, and so is its gradient
+        # (finite fill: a row with no valid block would send NaN back through logsumexp)
+        lse = torch.logsumexp(s_z.masked_fill(~valid, -1e4), 1, keepdim=True)
+        ref = torch.where(n_valid > 0, lse - torch.log(n_valid.clamp(min=1).float()), torch.zeros_like(lse))  # (b 1)
         s_null = ref + self.null_bias + e_x.float() @ self.null_query[:, None]  # (b 1)
         keep = torch.cat([valid, torch.ones(b, 1, dtype=torch.bool, device=valid.device)], 1)
         log_pz = torch.log_softmax(torch.cat([s_z, s_null], 1), -1)  # (b k)
