@@ -93,10 +93,11 @@ def test_losing_an_index_node_while_retro_trains_online_loses_no_step_and_no_sea
     assert set(r["shards_after"].values()) <= set(r["index_nodes"]) and r["removed"] not in r["shards_after"].values()
     moved = [int(i) for i, node in r["shards_before"].items() if node == r["removed"]]
     assert moved and all(r["pids_after"][i] != r["pids_before"][i] for i in moved)  # restarted from the files
-    # a step after the loss blocked on its neighbours until the shard was back, then went on
-    # (~1.8 s of a 5.7 s recovery on 2 busy cores; every search before it took a few ms)
+    # how long a step then waited for its neighbours is a measurement, not asserted: a step blocked
+    # ~1.8 s of a 5.7 s recovery on 2 busy cores; alone (2026-12-02) the 1.5 s recovery hid inside
+    # the one-batch prefetch (longest wait 27 ms). Printed for the record:
     after = [w for s, w in r["wait_ms"] if s > r["removed_at_step"]]
-    assert max(after) > 200, (r["recovery_s"], r["wait_ms"])
+    print(f"recovery {r['recovery_s']} s, longest retrieval wait after the loss {max(after):.0f} ms")
 
 
 @pytest.mark.skipif(not WITH_TRAIN, reason="make cluster-test (RATRAY_MULTINODE_TRAIN=1) only")
