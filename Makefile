@@ -56,7 +56,7 @@ chaos: venv
 # without CPUs, a train node, two index nodes; an index node removed mid-search), plus what `make
 # test` skips: a Ray Train run on it, an index node removed while RETRO trains with online
 # retrieval, a training node lost mid-run, and `cluster/local.sh up --nodes` started, probed and
-# stopped. 15.5 min measured on 2 cores at load 27-52 (other sessions' runs); far less alone.
+# stopped. 4.5 min alone on 2 cores (2026-12-02); 15.5 min at load 27-52.
 cluster-test: venv
 	RATRAY_MULTINODE_TRAIN=1 $(PY) -m pytest -q -p no:cacheprovider tests/test_multinode.py \
 		tests/test_cluster_local.py::test_local_cluster_with_nodes_places_shards_on_index_nodes_and_down_stops_every_process
