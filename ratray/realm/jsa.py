@@ -54,15 +54,23 @@ def mis_chain(log_q: torch.Tensor, log_target: torch.Tensor, keep: torch.Tensor,
     return z, accepted
 
 
+def null_reference(s: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """s (b k-1) block scores (-inf where not valid), valid (b k-1) -> (b 1) their log-mean-exp
+    over the valid blocks (0 for a row with none): the null document's reference score, in the
+    prior (model.py) and the posterior alike. With its gradient: a shift of all of a row's block
+    scores leaves p(∅) unchanged and gets no gradient (the finite fill keeps a row with no valid
+    block from sending NaN back through logsumexp)."""
+    n = valid.sum(1, keepdim=True)
+    lse = torch.logsumexp(s.masked_fill(~valid, -1e4), 1, keepdim=True)
+    return torch.where(n > 0, lse - torch.log(n.clamp(min=1).float()), torch.zeros_like(lse))
+
+
 def posterior_logits(e_q: torch.Tensor, e_z: torch.Tensor, valid: torch.Tensor,
                      null_bias: torch.Tensor) -> torch.Tensor:
     """e_q (b p) the posterior tower's embedding of x⊕y, e_z (b k-1 p) the candidates' (detached
     here), valid (b k-1) -> log q(z|x,y) (b k), ∅ last."""
     s = torch.einsum("bp,bkp->bk", e_q, e_z.detach()).float().masked_fill(~valid, float("-inf"))
-    n = valid.sum(1, keepdim=True)
-    lse = torch.logsumexp(s.masked_fill(~valid, -1e4), 1, keepdim=True)  # with gradient, as the prior's
-    ref = torch.where(n > 0, lse - torch.log(n.clamp(min=1).float()), torch.zeros_like(lse))
-    return torch.log_softmax(torch.cat([s, ref + null_bias], 1), -1)
+    return torch.log_softmax(torch.cat([s, null_reference(s, valid) + null_bias], 1), -1)
 
 
 def with_answer(query: torch.Tensor, labels: torch.Tensor, ignore: int) -> torch.Tensor:

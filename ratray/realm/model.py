@@ -55,6 +55,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ratray.realm.config import IGNORE, RealmConfig  # torch-free: job configs load them
+from ratray.realm.jsa import null_reference
 
 __all__ = ["IGNORE", "Realm", "RealmConfig", "Tower"]
 
@@ -295,12 +296,7 @@ class Realm(nn.Module):
             e_x = self.embed_queries(query)  # (b p)
             e_z = self.embed_docs(blocks.reshape(b * k1, t)).view(b, k1, -1)  # (b k-1 p)
         s_z = torch.einsum("bp,bkp->bk", e_x, e_z).float().masked_fill(~valid, float("-inf"))
-        n_valid = valid.sum(1, keepdim=True)
-        # with gradient: p(∅|x) is invariant to a shift of all block scores, and so is its gradient
-        # (finite fill: a row with no valid block would send NaN back through logsumexp)
-        lse = torch.logsumexp(s_z.masked_fill(~valid, -1e4), 1, keepdim=True)
-        ref = torch.where(n_valid > 0, lse - torch.log(n_valid.clamp(min=1).float()), torch.zeros_like(lse))  # (b 1)
-        s_null = ref + self.null_bias + e_x.float() @ self.null_query[:, None]  # (b 1)
+        s_null = null_reference(s_z, valid) + self.null_bias + e_x.float() @ self.null_query[:, None]  # (b 1)
         keep = torch.cat([valid, torch.ones(b, 1, dtype=torch.bool, device=valid.device)], 1)
         log_pz = torch.log_softmax(torch.cat([s_z, s_null], 1), -1)  # (b k)
 

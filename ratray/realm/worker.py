@@ -202,11 +202,11 @@ class RealmWorker(TrainWorker):
         read = None  # the towers score the blocks as indexed; the reader reads the swapped ones
         if swap is not None:
             ids, labels, read = swap.apply(sel, ids, cand_ids, tok)
-        pad = q.store.tokenizer.pad_id
-        ids, labels, tok = trim(ids, labels, tok, pad)
+        ids, labels, tok = trim(ids, labels, tok, q.store.tokenizer.pad_id)
         as_t = lambda a: torch.from_numpy(np.asarray(a).astype(np.int64)).to(self.device)  # noqa: E731
         out = (as_t(ids), as_t(labels), as_t(tok), torch.from_numpy(valid).to(self.device))
-        return out if read is None else out + (as_t(trim(ids, labels, read, pad)[2]),)
+        # a swapped answer sits where the old one was, so `read` has the blocks' width
+        return out if read is None else out + (as_t(read[:, :, :tok.shape[2]]),)
 
     # -- the steps -----------------------------------------------------------------------------
 
