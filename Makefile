@@ -28,8 +28,14 @@ $(STAMP): pyproject.toml constraints.txt
 	@rm -f $(VENV)/.ratray-installed-*
 	@touch $@
 
+# Two pytest workers (pytest-xdist, --dist loadfile: a file's tests on one worker, so a module
+# fixture is built once): a third of the suite's time on one process is waiting (Ray heads
+# starting, actors restarting, a killed GCS coming back), which the other worker fills. Each worker
+# is a pytest session with its own local Ray. TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
 test: venv
-	$(PY) -m pytest -q -p no:cacheprovider --durations=15
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15 \
+		$(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
 
 # A local Ray head (GCS on 127.0.0.1:6390, off Redis's 6379; RATRAY_RAY_PORT for another), the
 # index build and the RETRO job through `ray job submit`, the result printed.
@@ -46,19 +52,20 @@ build-index: venv
 
 # The chaos suite (bench/chaos.py): real runs through Ray while shards, Ray Train workers, the
 # RefreshService, builds and a GCS (head with its state in Redis) are killed; a JSON report per
-# scenario in chaos.json; then the multi-minute tests kept out of `make test` (a SIGKILLed Ray
-# Train worker; RETRO training through a GCS kill; the same kill without Redis). ~35 min on 2 cores.
+# scenario in chaos.json; then the GCS tests (also in `make test`: RETRO training through a GCS
+# kill, the same kill without Redis) and the one kept out of it (a SIGKILLed Ray Train worker,
+# RATRAY_CHAOS=1). ~35 min on 2 cores.
 chaos: venv
 	$(PY) bench/chaos.py --out chaos.json
 	RATRAY_CHAOS=1 $(PY) -m pytest -q -p no:cacheprovider tests/test_train_retry.py tests/test_gcs_ft.py
 
-# The multi-node rehearsal on this host (ray.cluster_utils.Cluster in a child process: a head
-# without CPUs, a train node, two index nodes; an index node removed mid-search), plus what `make
-# test` skips: a Ray Train run on it, an index node removed while RETRO trains with online
-# retrieval, a training node lost mid-run, and `cluster/local.sh up --nodes` started, probed and
-# stopped. 4.5 min alone on 2 cores (2026-12-02); 15.5 min at load 27-52.
+# Just the multi-node rehearsal on this host (also in `make test`): ray.cluster_utils.Cluster in a
+# child process (a head without CPUs, a train node, two index nodes; an index node removed
+# mid-search; a Ray Train run on it; an index node removed while RETRO trains with online
+# retrieval; a training node lost mid-run) and `cluster/local.sh up --nodes` started, probed and
+# stopped. 3 min 50 s alone on 2 cores (2026-12-02).
 cluster-test: venv
-	RATRAY_MULTINODE_TRAIN=1 $(PY) -m pytest -q -p no:cacheprovider tests/test_multinode.py \
+	$(PY) -m pytest -q -p no:cacheprovider tests/test_multinode.py \
 		tests/test_cluster_local.py::test_local_cluster_with_nodes_places_shards_on_index_nodes_and_down_stops_every_process
 
 # The MLflow UI in a real browser: a 1-worker RETRO run (built, trained, evaluated), `mlflow ui` on

@@ -258,7 +258,7 @@ def main(workdir: Path, train: bool = False, small: Path | None = None) -> dict:
         before = actor_nodes("mn")
         out["shards_before"] = before
         out["cpu_tasks"] = ray.get([where.remote() for _ in range(6)])
-        if train:  # ~40 s more on 2 busy cores: `make cluster-test` only
+        if train:  # ~40 s more on 2 busy cores
             out["train_workers"] = train_worker_nodes(workdir)
         ref = index.search(queries, K)
         out["pids_before"] = [inf["pid"] for inf in index.info()]

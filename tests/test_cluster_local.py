@@ -307,8 +307,6 @@ def test_nodes_spec_is_checked_against_the_manifest_groups_before_anything_start
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("RATRAY_MULTINODE_TRAIN") != "1",
-                    reason="make cluster-test only: a head and two nodes (127 s measured on a crowded host)")
 def test_local_cluster_with_nodes_places_shards_on_index_nodes_and_down_stops_every_process(tmp_path):
     """`up --nodes "train:1 index:1"`: a head with no CPUs, a train node with 1 CPU and an index
     node with index_node: 2 and no CPUs, all on 127.0.0.1 with token auth; actors asking for

@@ -8,9 +8,9 @@ the state from Redis (a new driver finds the named actors through it), the longe
 and the longest GCS request (the stall) are printed, and `down` leaves no key of the namespace in Redis. Skips, saying
 why, only when Redis is unreachable.
 
-With RATRAY_CHAOS=1 (make chaos; minutes on 2 cores): RETRO training with online retrieval as a
-Ray job on such a head, its GCS SIGKILLed mid-run (bench/gcs_ft_train.py, the chaos scenario); and
-the same kill on a head without Redis: nothing restarts the GCS, `status` and the driver say so.
+Then RETRO training with online retrieval as a Ray job on such a head, its GCS SIGKILLed mid-run
+(bench/gcs_ft_train.py, also a chaos scenario; ~1 min on 2 cores), and the same kill on a head
+without Redis: nothing restarts the GCS, `status` and the driver say so.
 """
 from __future__ import annotations
 
@@ -121,8 +121,6 @@ def test_actors_keep_answering_while_the_gcs_is_killed_and_comes_back_from_redis
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("RATRAY_CHAOS"),
-                    reason="a second head: ~25 s more (100 s on a loaded 2-core node); set RATRAY_CHAOS=1 (make chaos)")
 def test_without_redis_a_killed_gcs_stays_dead_and_status_and_the_driver_say_so(tmp_path):
     """The same kill on a head without --gcs-ft: nothing restarts the GCS, `status` names the loss
     at once, and a driver holding actors dies with Ray's "Failed to connect to GCS" once the
@@ -152,8 +150,6 @@ def _gcs_ft_train():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("RATRAY_CHAOS"),
-                    reason="a RETRO job on a head of its own: minutes on 2 cores; set RATRAY_CHAOS=1 (make chaos)")
 def test_retro_training_with_online_retrieval_finishes_every_step_through_a_gcs_kill(small_workdir):
     reason = _redis_reason()
     if reason:

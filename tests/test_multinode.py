@@ -1,12 +1,12 @@
 """A multi-node Ray cluster on one host (ray.cluster_utils.Cluster), shaped like the KubeRay
-manifests: shard actors on index nodes only, and losing an index node loses no search.
+manifests: shard actors on index nodes only, Ray Train workers never on them; losing an index node
+loses no search and no training step; losing the training node resumes the trainer from its
+checkpoint.
 
 The cluster runs in a child process (tests/multinode_cluster.py: this session's pytest already
 holds a local Ray) with its own RAY_TMPDIR, so neither Ray sees the other; one run serves every
-test here. `make cluster-test` runs just this file, with RATRAY_MULTINODE_TRAIN=1: Ray Train runs
-in the cluster too — where its workers land, RETRO trained with online retrieval while an index
-node is removed, and a training node removed mid-run (~2-3 min more on 2 busy cores, so `make
-test` skips those three tests).
+test here (~3-4 min on 2 cores beside the rest of `make test`). `make cluster-test` runs just this
+file and the `cluster/local.sh up --nodes` test.
 """
 from __future__ import annotations
 
@@ -20,27 +20,25 @@ from pathlib import Path
 
 import pytest
 
-WITH_TRAIN = os.environ.get("RATRAY_MULTINODE_TRAIN") == "1"
-
-# one cluster run: ~30-45 s on 2 busy cores; with the training scenarios (and the session's small
-# workdir built for them) minutes, past the suite's 600 s per test on a crowded machine
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800 if WITH_TRAIN else 600)]
+# one cluster run with its training scenarios (and the session's small workdir built for them):
+# minutes, past the suite's 600 s per test on a crowded machine
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 SCRIPT = Path(__file__).with_name("multinode_cluster.py")
 
 
 @pytest.fixture(scope="module")
-def observed(tmp_path_factory, request):
-    """The child's observations (see multinode_cluster.py for the flow); with the training
-    scenarios, RETRO trains on a copy of the session's small workdir (index, chunks, embeddings)."""
-    train = ["--train", str(request.getfixturevalue("small_workdir")[0])] if WITH_TRAIN else []
+def observed(tmp_path_factory, small_workdir):
+    """The child's observations (see multinode_cluster.py for the flow); RETRO trains on a copy of
+    the session's small workdir (index, chunks, embeddings)."""
+    train = ["--train", str(small_workdir[0])]
     ray_tmp = tempfile.mkdtemp(prefix="rtmn")  # short: Ray's unix socket paths have a length limit
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
     env.update(RAY_TMPDIR=ray_tmp, RAY_USAGE_STATS_ENABLED="0", OMP_WAIT_POLICY="PASSIVE")
     try:
         cmd = [sys.executable, str(SCRIPT), str(tmp_path_factory.mktemp("mn"))]
         out = subprocess.run(cmd + train, capture_output=True, text=True, env=env,
-                             timeout=1500 if WITH_TRAIN else 300)
+                             timeout=1500)
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert out.returncode == 0, f"cluster run failed:\n{out.stderr[-4000:]}"
@@ -55,7 +53,6 @@ def test_shard_actors_land_only_on_index_nodes_and_cpu_work_never_does(observed)
     assert set(observed["cpu_tasks"]) == {nodes["train"]}
 
 
-@pytest.mark.skipif(not WITH_TRAIN, reason="make cluster-test (RATRAY_MULTINODE_TRAIN=1) only")
 def test_ray_train_workers_run_on_the_train_node_never_on_index_nodes(observed):
     assert len(observed["train_workers"]) == 2  # both workers of the TorchTrainer ran ...
     assert set(observed["train_workers"]) == {observed["nodes"]["train"]}  # ... on the train node
@@ -75,7 +72,6 @@ def test_losing_an_index_node_restarts_its_shards_on_the_survivor_and_no_search_
     assert observed["final_equal"] is True
 
 
-@pytest.mark.skipif(not WITH_TRAIN, reason="make cluster-test (RATRAY_MULTINODE_TRAIN=1) only")
 def test_losing_an_index_node_while_retro_trains_online_loses_no_step_and_no_search(observed):
     """The real RETRO driver, train.retrieval=online, shards asking for index_node, max_failures=0
     (a search that failed would fail the worker and so the run); the index node holding shard 0
@@ -100,7 +96,6 @@ def test_losing_an_index_node_while_retro_trains_online_loses_no_step_and_no_sea
     print(f"recovery {r['recovery_s']} s, longest retrieval wait after the loss {max(after, default=0):.0f} ms")
 
 
-@pytest.mark.skipif(not WITH_TRAIN, reason="make cluster-test (RATRAY_MULTINODE_TRAIN=1) only")
 def test_losing_the_training_node_resumes_the_trainer_from_its_checkpoint_on_the_spare(observed):
     run = observed["train_loss"]
     assert run["fit_done"] and run["final_step"] == run["total"]

@@ -88,7 +88,7 @@ def jsa_training():
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     held = _copy_batch(np.random.default_rng(99), model.cfg, 64)
     before, grads = _measure(model, held), {}
-    for step in range(400):
+    for step in range(600):
         out = model(*_copy_batch(rng, model.cfg, 32))
         opt.zero_grad()
         out["loss"].backward()
@@ -114,7 +114,10 @@ def _measure(model: Realm, held) -> dict:
 
 def test_jsa_raises_the_answer_document_under_the_prior(jsa_training):
     before, after, _ = jsa_training
-    assert after["p_a"] > before["p_a"] + 0.3, (before, after)  # measured 0.31 -> 0.86 (0.31 -> 0.49 with ∅'s reference score stopped)
+    # p(A) sits on a plateau near 0.48 (A and ∅ share the mass) before it climbs, and when it climbs
+    # depends on the CPU's float kernels: at 400 steps 0.86 on one machine, 0.48 on another (seed 0).
+    # At 600 steps, seeds 0-3 here: 0.95, 0.99, 0.69, 0.96 (from 0.31-0.33)
+    assert after["p_a"] > before["p_a"] + 0.3, (before, after)
 
 
 def test_jsa_teaches_the_reader_to_copy(jsa_training):
