@@ -27,6 +27,7 @@ The head, its Redis keys and (unless --workdir is given) the workdir are removed
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -76,19 +77,40 @@ def train_entrypoint(workdir: Path, run_name: str, steps: int) -> list[str]:
 
 
 def role_pids(lr) -> dict[str, set[int]]:
-    """Pids of the head's shard actors and Ray Train workers now (their process titles)."""
+    """Pids of the head's shard actors and Ray Train workers now (their process titles). A process
+    an actor forks (a subprocess before its exec, a pool worker) carries the actor's title too: a
+    process whose parent has the title is the actor's child, not another actor."""
     import psutil
 
-    out: dict[str, set[int]] = {r: set() for r in ROLES}
+    titled: dict[int, tuple[str, int]] = {}
     for pid in lr.processes():
         try:
-            title = " ".join(psutil.Process(pid).cmdline())
+            p = psutil.Process(pid)
+            title, parent = " ".join(p.cmdline()), p.ppid()
         except psutil.Error:
             continue
         for role, word in ROLES.items():
             if word in title:
-                out[role].add(pid)
+                titled[pid] = (role, parent)
+    out: dict[str, set[int]] = {r: set() for r in ROLES}
+    for pid, (role, parent) in titled.items():
+        if titled.get(parent, (None,))[0] != role:
+            out[role].add(pid)
     return out
+
+
+def _store_ready(db: Path) -> bool:
+    """Whether the job has finished creating its MLflow store (the experiment row exists): a client
+    opened earlier would migrate the schema alongside the job's own store and both fail."""
+    import sqlite3
+
+    if not db.exists():
+        return False
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as con:
+            return con.execute("SELECT 1 FROM experiments WHERE name = 'ratray-retro'").fetchone() is not None
+    except sqlite3.Error:  # no table yet, or the job holds a write lock: not ready at this poll
+        return False
 
 
 def _run(workdir: Path, run_name: str):
@@ -96,7 +118,7 @@ def _run(workdir: Path, run_name: str):
     from mlflow import MlflowClient
 
     db = workdir / "mlflow.db"
-    if not db.exists():
+    if not _store_ready(db):
         return None, None
     c = MlflowClient(f"sqlite:///{db}")
     exp = c.get_experiment_by_name("ratray-retro")
@@ -111,6 +133,31 @@ def mlflow_steps(workdir: Path, run_name: str, key: str = "loss") -> list[tuple[
         return []
     hist = sorted(c.get_metric_history(r.info.run_id, key), key=lambda m: m.timestamp)
     return [(m.step, m.value, m.timestamp / 1e3) for m in hist]
+
+
+def _describe(pid: int, killed: dict | None) -> str:
+    """A process's title and parent, and when it was first seen relative to the kill."""
+    import psutil
+
+    try:
+        p = psutil.Process(pid)
+        who = f"{' '.join(p.cmdline())[:60]!r} parent {p.ppid()}"
+    except psutil.Error:
+        who = "gone"
+    return who + (f", {time.time() - killed['at']:+.1f} s from the kill" if killed else ", before the kill")
+
+
+def _steps_now(workdir: Path, run_name: str) -> list[tuple[int, float, float]]:
+    """mlflow_steps for the watcher's poll: while the job writes, sqlite may answer "database is
+    locked"; then this poll sees no new step and the next one reads again."""
+    from sqlalchemy.exc import OperationalError
+
+    try:
+        return mlflow_steps(workdir, run_name)
+    except OperationalError as e:
+        if "locked" not in str(e):
+            raise
+        return []
 
 
 def job_state(lr, job_id: str) -> tuple[str, str]:
@@ -128,11 +175,14 @@ def watch(lr, job_id: str, workdir: Path, run_name: str, kill_at: int, deadline:
     gcs_server once the run logged step `kill_at` (`restarts`: then time its port coming back).
     Without a restart, stop `after_kill` seconds after the kill if the job has not ended (a head
     without fault tolerance may never answer again)."""
-    seen = {r: set() for r in ROLES}
+    seen: dict[str, set[int]] = {r: set() for r in ROLES}
+    first_seen: dict[int, str] = {}
     states, killed, pre_kill, alive, status_after = [], None, None, [], None
     while time.time() < deadline:
         now = role_pids(lr)
         for role, pids in now.items():
+            for pid in pids - seen[role]:  # who it was, for a report that counts more than expected
+                first_seen[pid] = _describe(pid, killed)
             seen[role] |= pids
         counts = {r: len(p) for r, p in now.items()}
         if killed and (not alive or alive[-1][1] != counts):  # after the kill: who is still running
@@ -145,7 +195,7 @@ def watch(lr, job_id: str, workdir: Path, run_name: str, kill_at: int, deadline:
         if status in localray.TERMINAL:
             break
         if killed is None:
-            steps = mlflow_steps(workdir, run_name)
+            steps = _steps_now(workdir, run_name)
             if steps and steps[-1][0] >= kill_at:
                 pre_kill = {r: sorted(p) for r, p in seen.items()}
                 gcs = lr.read_state()["gcs_pid"]
@@ -157,7 +207,8 @@ def watch(lr, job_id: str, workdir: Path, run_name: str, kill_at: int, deadline:
         elif not restarts and time.time() > killed["at"] + after_kill:
             break
         time.sleep(0.25)
-    return {"pids_seen": {r: sorted(p) for r, p in seen.items()}, "pids_before_kill": pre_kill,
+    return {"pids_seen": {r: sorted(p) for r, p in seen.items()}, "pids_first_seen": first_seen,
+            "pids_before_kill": pre_kill,
             "job_states": states, "kill": killed, "running_after_kill": alive,
             "local_sh_status_5s_after_kill": status_after}
 

@@ -169,6 +169,6 @@ def test_retro_training_with_online_retrieval_finishes_every_step_through_a_gcs_
     assert rep["resumed_from_step"] == "0" and rep["loss_finite"]
     assert rep["steps_with_online_retrieval"] == 12  # every step's neighbours searched on the shard actors
     # the same two shard actors and two Ray Train workers before the kill and until the end
-    assert {r: len(p) for r, p in rep["pids_seen"].items()} == {"shard": 2, "train_worker": 2}
+    assert {r: len(p) for r, p in rep["pids_seen"].items()} == {"shard": 2, "train_worker": 2}, rep["pids_first_seen"]
     assert rep["pids_seen"] == rep["pids_before_kill"]
     assert rep["gap_spanning_kill_s"] is not None and rep["passed"]
